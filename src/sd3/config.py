@@ -1,0 +1,584 @@
+"""Configuration: dataclasses, named presets, dotted command-line overrides, JSON round trip.
+
+Every field has a docstring (the string under it); `python src/train.py --help` prints them.
+A config is built in three steps, each of which fails loudly on a mistake:
+
+    cfg = preset("sd3_256")                                   # the seed's stage-1 values
+    cfg = apply_overrides(cfg, ["--train.lr=3e-4"])           # unknown keys name the closest valid ones
+    cfg.validate()                                            # cross-field checks, before any heavy work
+
+`to_dict` / `from_dict` round-trip exactly; a checkpoint carries its config as `config.json`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or inconsistent. The message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 16
+    """Latent channels the model reads and predicts (16 for the FLUX autoencoder; 3*f*f for the pixel one)."""
+    patch_size: int = 2
+    """Side of the square latent patch that becomes one image token."""
+    depth: int = 19
+    """Number of joint (dual-stream) blocks."""
+    width: int = 1216
+    """Model width D. SD3 (arXiv 2403.03206) sec. 5.2 uses 64 * depth."""
+    num_heads: int = 19
+    """Attention heads; the head width is width / num_heads."""
+    mlp_type: str = "swiglu"
+    """MLP of every block: 'swiglu' (three matrices) or 'gelu' (two)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the model width."""
+    text_dims: tuple[int, ...] = (2304, 1024)
+    """Width of each text token stream, in `encoders.text` order (Gemma-2-2B 2304, ModernBERT-large 1024)."""
+    pooled_dim: int = 768
+    """Width of the pooled text vector (MetaCLIP ViT-L/14 projection: 768)."""
+    text_scale_init: float = 0.01
+    """Initial value of each text stream's learnable multiplier (Gemma's activations are huge)."""
+    time_scale_init: float = 1000.0
+    """Initial value of the learnable scale applied to t in [0, 1] before the sinusoidal embedding."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    max_res: int = 256
+    """Largest image side (pixels) this stage trains on."""
+    max_res_orig: int = 256
+    """Largest image side of the first stage. RoPE positions are scaled by max_res_orig / max_res, so a
+    512 stage started from a 256 checkpoint sees positions in the range it was trained on."""
+    attn_backend: str = "auto"
+    """'auto' (flash-attn, then xformers on CUDA when importable, else SDPA), 'sdpa', 'flash' or 'xformers'."""
+
+
+@dataclass
+class EncoderConfig:
+    vae: str = "black-forest-labs/FLUX.1-schnell"
+    """Local directory or hub id of a diffusers AutoencoderKL, or 'pixel' for the weightless
+    space-to-depth autoencoder (small CPU runs)."""
+    vae_subfolder: str = "vae"
+    """Subfolder of `vae` that holds the autoencoder ('' when `vae` points at it directly)."""
+    pixel_factor: int = 4
+    """Space-to-depth factor of the pixel autoencoder (latent channels = 3 * factor^2)."""
+    text: tuple[str, ...] = ("google/gemma-2-2b", "answerdotai/ModernBERT-large")
+    """Text encoders whose token states the model reads, each a local directory or hub id."""
+    pooled: str = "facebook/metaclip-l14-400m"
+    """CLIP model whose projected text embedding is the pooled vector (a local directory or hub id)."""
+    max_tokens: int = 77
+    """Captions are truncated to this many tokens per encoder (right padding)."""
+    dtype: str = "bfloat16"
+    """Encoder weights dtype on CUDA ('bfloat16', 'float16', 'float32'); always float32 on CPU."""
+    create_tiny: bool = False
+    """Create random-init stand-in encoders at the paths above when they are missing (demo and tests
+    only: they make the pipeline run, not good images)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "data/cc12m_imagenet21k_256"
+    """Folder of bucketed parquet shards (made by data/create_phase.py)."""
+    index: str = ""
+    """Bucket index made by src/create_indices.py; '' means `<dataset>/bucket_index.npz`."""
+    batch_size: int = 140
+    """Samples per model rank per micro-step."""
+    short_caption_prob: float = 0.5
+    """Probability of training on `recaption_short` instead of `recaption` (the other is used when one is empty)."""
+    small_buckets: str = "drop"
+    """Buckets with fewer rows than one global batch: 'drop' them or 'fill' the batch by repeating rows."""
+    decode_workers: int = 4
+    """Threads that read and decode images ahead of the encoders on each loader rank."""
+    prefetch: int = 2
+    """Batches decoded ahead of the encoders on a loader rank, and batches in flight per model rank."""
+    create_demo: bool = False
+    """Build the small demo dataset (photos bundled with scikit-image) at `dataset` when it is missing."""
+    val_rows: int = 0
+    """Rows held out of training (the first rows of the index order) for the fixed-t validation loss; 0: none."""
+
+
+@dataclass
+class FlowConfig:
+    t_sampling: str = "logit_normal"
+    """How training draws t: 'logit_normal' (SD3 sec. 3.1) or 'uniform'."""
+    t_mean: float = 0.0
+    """Mean of the normal before the sigmoid (logit-normal)."""
+    t_std: float = 1.0
+    """Standard deviation of the normal before the sigmoid (logit-normal)."""
+    t_shift: float = 1.0
+    """Shift alpha applied as t' = a t / (1 + (a - 1) t) (SD3 sec. 5.3.2); 1 means none."""
+    t_shift_by_resolution: bool = False
+    """Scale the shift by sqrt(image tokens / t_shift_base_tokens), SD3's resolution-dependent shift."""
+    t_shift_base_tokens: int = 256
+    """Image-token count at which the resolution-dependent shift equals t_shift (256: 256 px, /8 VAE, patch 2)."""
+    p_drop_text: tuple[float, ...] = (0.316, 0.316)
+    """Per-sample probability of nulling each text stream (seed: 0.316 each, so both ~0.1)."""
+    p_drop_pooled: float = 0.1
+    """Per-sample probability of nulling the pooled vector."""
+    p_drop_all: float = 0.1
+    """Per-sample probability of nulling every stream at once: the unconditional branch CFG relies on."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300_000
+    """Optimizer steps to train for (each is `accumulation_steps` micro-batches)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    schedule: str = "constant"
+    """After warmup: 'constant' or 'cosine' (down to min_lr at `steps`)."""
+    warmup: int = 1000
+    """Linear warmup from 0, in optimizer steps."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (never on norms, biases, scalars or embedders)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip, always applied."""
+    accumulation_steps: int = 2
+    """Micro-batches per optimizer step."""
+    ema_decay: float = 0.99
+    """EMA decay per EMA update."""
+    ema_every: int = 100
+    """Update the EMA every this many optimizer steps."""
+    ema_device: str = "model"
+    """Where the EMA weights live: 'model' (the model's device) or 'cpu'."""
+    precision: str = "bf16"
+    """'bf16' autocast on CUDA (fp32 master weights) or 'fp32'. CPU always runs fp32."""
+    activation_checkpointing: bool = True
+    """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
+    compile: bool = False
+    """torch.compile each block (applied from outside the model; off in tests)."""
+    seed: int = 0
+    """Seeds the initial weights, the data order and every per-step random draw."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cuda' or 'cpu'."""
+
+
+@dataclass
+class RankConfig:
+    loader_to_model: dict[int, list[int]] | None = None
+    """Seed-format map {loader rank: [model ranks]}; overrides the per-node generator below."""
+    loaders_per_node: int = 2
+    """Generated map: the first ranks of every node that load (seed: 2 of 8)."""
+    models_per_loader: int = 3
+    """Generated map: model ranks each loader feeds (seed: 3)."""
+    backend: str = "auto"
+    """Process-group backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    timeout_s: int = 600
+    """Collective and receive timeout: a silent peer ends the job after this many seconds."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Log metrics every this many optimizer steps."""
+    save_every: int = 1000
+    """Write a checkpoint every this many optimizer steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk; older ones are deleted once a new one is whole."""
+    sample_every: int = 1000
+    """Write a sample grid from the EMA weights every this many optimizer steps (0: only at the end)."""
+    val_every: int = 1000
+    """Fixed-t validation loss every this many optimizer steps (0: never)."""
+    sample_prompts: tuple[str, ...] = (
+        "a photograph of an astronaut riding a horse",
+        "a cat sitting on a windowsill at sunset",
+        "a cup of coffee on a wooden table",
+        "a rocket launching into a clear blue sky",
+    )
+    """Prompts of the in-training sample grid."""
+    sample_steps: int = 30
+    """Sampler steps of the in-training sample grid."""
+    sample_cfg: float = 5.0
+    """Guidance scale of the in-training sample grid."""
+    wandb_project: str = "sd3-from-scratch"
+    """wandb project; WANDB_MODE=offline or disabled is honoured, the key comes from WANDB_API_KEY."""
+    wandb_name: str = ""
+    """wandb run name; '' uses the run directory's name."""
+    wandb: bool = True
+    """Log to wandb at all."""
+    peak_tflops: float = 989.0
+    """Peak dense bf16 TFLOP/s of one model GPU, for MFU (989: H100 SXM)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ranks: RankConfig = field(default_factory=RankConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run_dir: str = "runs/default"
+    """Where checkpoints, samples and logs go."""
+    preset: str = ""
+    """The preset this config started from (informational)."""
+
+    # -- derived sizes ------------------------------------------------------------------------------
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell along a side (8 for the FLUX autoencoder)."""
+        return self.encoders.pixel_factor if self.encoders.vae == "pixel" else 8
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this (latent factor x patch)."""
+        return self.latent_factor * self.model.patch_size
+
+    def validate(self) -> Config:
+        """Cross-field checks that must hold before any heavy work. Returns self."""
+        m, e, f, t, d = self.model, self.encoders, self.flow, self.train, self.data
+        _choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
+        _choice("model.attn_backend", m.attn_backend, ("auto", "sdpa", "flash", "xformers"))
+        _choice("flow.t_sampling", f.t_sampling, ("logit_normal", "uniform"))
+        _choice("train.schedule", t.schedule, ("constant", "cosine"))
+        _choice("train.precision", t.precision, ("bf16", "fp32"))
+        _choice("train.ema_device", t.ema_device, ("model", "cpu"))
+        _choice("train.device", t.device, ("auto", "cuda", "cpu"))
+        _choice("data.small_buckets", d.small_buckets, ("drop", "fill"))
+        _choice("encoders.dtype", e.dtype, ("bfloat16", "float16", "float32"))
+        _choice("ranks.backend", self.ranks.backend, ("auto", "nccl", "gloo"))
+        if m.width % m.num_heads:
+            raise ConfigError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
+        head_dim = m.width // m.num_heads
+        if head_dim % 4:
+            raise ConfigError(
+                f"model: head width {head_dim} must be a multiple of 4 (RoPE2d rotates pairs in two halves)"
+            )
+        if e.vae == "pixel" and m.in_channels != 3 * e.pixel_factor**2:
+            raise ConfigError(
+                f"model.in_channels={m.in_channels} does not match the pixel autoencoder "
+                f"(3 * encoders.pixel_factor^2 = {3 * e.pixel_factor**2}); set --model.in_channels="
+                f"{3 * e.pixel_factor**2}"
+            )
+        if len(m.text_dims) != len(e.text):
+            raise ConfigError(
+                f"model.text_dims has {len(m.text_dims)} entries but encoders.text names {len(e.text)} "
+                "encoders: give one width per text encoder"
+            )
+        if len(f.p_drop_text) != len(e.text):
+            raise ConfigError(
+                f"flow.p_drop_text has {len(f.p_drop_text)} entries but encoders.text names "
+                f"{len(e.text)} encoders: give one probability per text encoder"
+            )
+        for key, p in [("flow.p_drop_pooled", f.p_drop_pooled), ("flow.p_drop_all", f.p_drop_all),
+                       ("data.short_caption_prob", d.short_caption_prob),
+                       *((f"flow.p_drop_text[{i}]", p) for i, p in enumerate(f.p_drop_text))]:
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{key}={p} is not a probability in [0, 1]")
+        if m.max_res % self.pixel_multiple or m.max_res_orig % self.pixel_multiple:
+            raise ConfigError(
+                f"model.max_res={m.max_res} and model.max_res_orig={m.max_res_orig} must be multiples of "
+                f"{self.pixel_multiple} (latent factor {self.latent_factor} x patch {m.patch_size})"
+            )
+        positive = {
+            "train.steps": t.steps, "train.accumulation_steps": t.accumulation_steps,
+            "train.grad_clip": t.grad_clip, "train.lr": t.lr, "train.ema_every": t.ema_every,
+            "data.batch_size": d.batch_size, "data.prefetch": d.prefetch,
+            "data.decode_workers": d.decode_workers, "log.every": self.log.every,
+            "log.save_every": self.log.save_every, "log.keep_last": self.log.keep_last,
+            "encoders.max_tokens": e.max_tokens, "ranks.timeout_s": self.ranks.timeout_s,
+            "model.depth": m.depth, "model.width": m.width,
+        }
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{key}={value} must be positive")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+        if t.warmup < 0 or f.t_std <= 0 or f.t_shift <= 0:
+            raise ConfigError("train.warmup must be >= 0; flow.t_std and flow.t_shift must be positive")
+        return self
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, options))}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------
+
+
+def _sd3(stage_res: int, batch_size: int, steps: int) -> Config:
+    """The seed's stages (SEED_NOTES): 19 blocks, width 64*19, 19 heads, SwiGLU 4.0, patch 2, lr 1e-4,
+    warmup 1000, accumulation 2, EMA 0.99 every 100 optimizer steps, 2 loaders feeding 3 model GPUs each
+    per 8-GPU node."""
+    cfg = Config()
+    cfg.preset = f"sd3_{stage_res}"
+    cfg.model.max_res = stage_res
+    cfg.model.max_res_orig = 256
+    cfg.data.batch_size = batch_size
+    cfg.data.dataset = f"data/cc12m_imagenet21k_{stage_res}"
+    cfg.train.steps = steps
+    cfg.run_dir = f"runs/sd3_{stage_res}"
+    return cfg
+
+
+def _tiny() -> Config:
+    """CPU demo: random-init stand-in encoders, the pixel autoencoder, the bundled demo photos."""
+    cfg = Config()
+    cfg.preset = "tiny"
+    cfg.model = ModelConfig(
+        in_channels=48, patch_size=2, depth=4, width=192, num_heads=3, mlp_ratio=4.0,
+        text_dims=(64, 48), pooled_dim=32, max_res=64, max_res_orig=64,
+    )
+    cfg.encoders = EncoderConfig(
+        vae="pixel", vae_subfolder="", pixel_factor=4,
+        text=("data/tiny_encoders/gemma", "data/tiny_encoders/bert"),
+        pooled="data/tiny_encoders/clip", max_tokens=77, create_tiny=True,
+    )
+    cfg.data = DataConfig(
+        dataset="data/demo/64", batch_size=8, decode_workers=2, prefetch=2, create_demo=True, val_rows=0,
+    )
+    cfg.train = TrainConfig(
+        steps=600, lr=1e-3, warmup=50, accumulation_steps=1, ema_decay=0.9, ema_every=1,
+        precision="fp32", activation_checkpointing=False, weight_decay=0.0,
+    )
+    cfg.ranks = RankConfig(loaders_per_node=1, models_per_loader=2, timeout_s=120)
+    cfg.log = LogConfig(every=25, save_every=200, keep_last=2, sample_every=0, val_every=0,
+                        sample_steps=20, sample_cfg=3.0, wandb=False)
+    cfg.log.sample_prompts = ()  # filled from the demo captions at run time
+    cfg.run_dir = "runs/tiny"
+    return cfg
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "sd3_256": lambda: _sd3(256, 140, 300_000),
+    "sd3_512": lambda: _sd3(512, 40, 400_000),
+    "sd3_1024": lambda: _sd3(1024, 15, 100_000),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# Dotted overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def field_paths(cfg: Any = None, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Every leaf key (e.g. 'train.lr') -> (owning dataclass instance, its Field)."""
+    cfg = Config() if cfg is None else cfg
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(field_paths(value, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = (cfg, f)
+    return out
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parse a command-line string into the field's type: numbers, booleans, tuples, dicts, None."""
+    hints = _resolve(annotation)
+    origin = typing.get_origin(hints)
+    args = typing.get_args(hints)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner, key)
+    if hints is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}={text!r}: expected true or false")
+    if hints is str:
+        return text
+    if hints in (int, float):
+        try:
+            number = float(text) if hints is float else int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"--{key}={text!r}: expected {hints.__name__}") from None
+        return number
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if origin is tuple and args and _resolve(args[0]) is str:
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        raise ConfigError(f"--{key}={text!r}: expected a Python literal of type {hints}") from None
+    return _coerce(value, hints, key)
+
+
+def _coerce(value: Any, hints: Any, key: str) -> Any:
+    """Check a parsed (or JSON-loaded) value against a type and convert lists to tuples, keys to int."""
+    hints = _resolve(hints)
+    origin, args = typing.get_origin(hints), typing.get_args(hints)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = (value,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a sequence, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a dict, got {value!r}")
+        kt, vt = args
+        return {_coerce(int(k) if kt is int else k, kt, key): _coerce(v, vt, key) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if hints is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hints is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hints in (str, bool) and isinstance(value, hints):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hints, '__name__', hints)}, got {value!r}")
+
+
+_TYPE_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _resolve(annotation: Any) -> Any:
+    if isinstance(annotation, str):  # `from __future__ import annotations` leaves strings
+        return eval(annotation, vars(typing) | {"types": types})
+    return annotation
+
+
+def _field_type(owner: Any, f: dataclasses.Field) -> Any:
+    cls = type(owner)
+    if cls not in _TYPE_CACHE:
+        _TYPE_CACHE[cls] = typing.get_type_hints(cls)
+    return _TYPE_CACHE[cls][f.name]
+
+
+def set_value(cfg: Config, key: str, text: str) -> None:
+    """Set one dotted key from its command-line text; unknown keys name the closest valid ones."""
+    paths = field_paths(cfg)
+    if key not in paths:
+        close = difflib.get_close_matches(key, list(paths), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
+        raise ConfigError(f"unknown config key --{key}{hint} (--help lists every key)")
+    owner, f = paths[key]
+    setattr(owner, f.name, _parse_value(text, _field_type(owner, f), key))
+
+
+def apply_overrides(cfg: Config, args: list[str]) -> Config:
+    """Apply `--a.b=value` or `--a.b value` pairs in order."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --train.lr=3e-4")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        set_value(cfg, key.replace("-", "_"), text)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON round trip and help
+# --------------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict:
+    out = dataclasses.asdict(cfg)
+    # JSON keys must be strings: the rank map's int keys are restored by from_dict.
+    loader_map = out["ranks"]["loader_to_model"] if "ranks" in out else None
+    if loader_map is not None:
+        out["ranks"]["loader_to_model"] = {str(k): v for k, v in loader_map.items()}
+    return out
+
+
+def from_dict(data: dict, cls: type = Config) -> Any:
+    """Rebuild a config from `to_dict` output; unknown keys fail (a config from a newer version)."""
+    kwargs = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, list(names), n=3)
+            raise ConfigError(f"{cls.__name__}: unknown key {key!r} in saved config (close: {close})")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            kwargs[key] = from_dict(value, sub)
+        else:
+            kwargs[key] = _coerce(value, sub, f"{cls.__name__}.{key}")
+    return cls(**kwargs)
+
+
+def save_json(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(path: str | Path) -> Config:
+    return from_dict(json.loads(Path(path).read_text()))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text(cfg: Config | None = None) -> str:
+    """Every key with its current value and docstring, grouped by section."""
+    cfg = Config() if cfg is None else cfg
+    lines = []
+    for key, (owner, f) in field_paths(cfg).items():
+        doc = field_docs(type(owner)).get(f.name, "")
+        lines.append(f"  --{key}={getattr(owner, f.name)!r}\n      {doc}")
+    return "\n".join(lines)
+
+
+def count_to_str(n: int) -> str:
+    """1234567 -> '1.23 M' (for logs)."""
+    if n < 1000:
+        return str(n)
+    exp = min(int(math.log10(n) // 3), 4)
+    return f"{n / 1000**exp:.2f} {' KMGT'[exp]}"

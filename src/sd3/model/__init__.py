@@ -1,0 +1,3 @@
+from sd3.model.mmdit import MMDiT
+
+__all__ = ["MMDiT"]
