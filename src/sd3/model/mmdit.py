@@ -1,0 +1,352 @@
+"""The MMDiT of SD3 (Esser et al. 2024, arXiv 2403.03206), with the seed's changes and our fixes.
+
+Reads top-down: helpers, embedders, the joint block, the final layer, the model, then sizes (the
+parameter and FLOP counts). Shapes use one vocabulary: B batch, L_img image tokens, L_txt text
+tokens (all streams), L = L_img + L_txt, D width, H heads, Dh head width, C latent channels, p patch.
+
+The model knows nothing of devices, parallelism, checkpointing or compilation: `sd3.parallel`
+applies those from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sd3.config import ModelConfig
+from sd3.model.attention import KeyMask, attention, resolve_backend
+from sd3.model.rope import apply_rope, rope_frequencies
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, h, w) -> (B, (h/p)(w/p), C p p), tokens in row-major grid order."""
+    B, C, h, w = x.shape
+    x = x.reshape(B, C, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (h // p) * (w // p), C * p * p)
+
+
+def unpatchify(x: Tensor, grid_h: int, grid_w: int, p: int) -> Tensor:
+    """(B, L_img, C p p) -> (B, C, h, w); the inverse of `patchify`."""
+    B, _, cpp = x.shape
+    C = cpp // (p * p)
+    x = x.reshape(B, grid_h, grid_w, C, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C, grid_h * p, grid_w * p)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x (B, L, D) normalised outside; shift, scale (B, D)."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+def gated(x: Tensor, gate: Tensor, update: Tensor) -> Tensor:
+    """Gated residual x + gate * update; gate (B, D)."""
+    return torch.addcmul(x, gate.unsqueeze(1), update)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) in fp32 (DiT, Peebles & Xie 2023)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------------------
+
+
+class TextEmbedder(nn.Module):
+    """One text stream: RMSNorm -> learnable scalar -> projection to the model width.
+
+    Each encoder gets its own norm because their statistics differ wildly (Gemma's activations reach
+    the hundreds); the scalar starts small so text enters the residual stream gently."""
+
+    def __init__(self, in_dim: int, width: int, scale_init: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(in_dim, eps=1e-6)
+        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.proj = nn.Linear(in_dim, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.norm(x) * self.scale)  # (B, L_i, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] times a learnable scale (init 1000, the usual DDPM range) -> sinusoid -> MLP."""
+
+    freq_dim = 256
+
+    def __init__(self, width: int, time_scale_init: float):
+        super().__init__()
+        self.time_scale = nn.Parameter(torch.tensor(float(time_scale_init)))
+        self.mlp = nn.Sequential(nn.Linear(self.freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t * self.time_scale, self.freq_dim))  # (B, D)
+
+
+class PooledEmbedder(nn.Module):
+    def __init__(self, in_dim: int, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.mlp(pooled)  # (B, D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The joint block
+# ---------------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """Shazeer 2020 (arXiv 2002.05202); gate and value projections fused into one matmul."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(width, 2 * hidden)
+        self.w_out = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * value)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(width, hidden)
+        self.w_out = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(F.gelu(self.w_in(x), approximate="tanh"))
+
+
+def make_mlp(kind: str, width: int, ratio: float) -> nn.Module:
+    hidden = int(width * ratio)
+    return SwiGLU(width, hidden) if kind == "swiglu" else GeluMLP(width, hidden)
+
+
+class StreamAttention(nn.Module):
+    """One stream's half of the joint attention: fused projections, per-head QK-RMSNorm, output projection.
+
+    `queries=False` makes a keys-and-values-only stream (the last block's text: nothing reads its output)."""
+
+    def __init__(self, width: int, heads: int, *, queries: bool = True):
+        super().__init__()
+        self.heads = heads
+        head_dim = width // heads
+        self.queries = queries
+        self.qkv = nn.Linear(width, (3 if queries else 2) * width)
+        # QK-norm keeps attention logits bounded in bf16 (SD3 sec. 5.3.1).
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if queries else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.proj = nn.Linear(width, width) if queries else None
+
+    def heads_of(self, x: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(B, L_s, D) -> q (or None), k, v, each (B, H, L_s, Dh)."""
+        parts = self.qkv(x).unflatten(-1, (-1, self.heads, x.shape[-1] // self.heads)).permute(2, 0, 3, 1, 4)
+        if not self.queries:
+            k, v = parts
+            return None, self.k_norm(k), v
+        q, k, v = parts
+        return self.q_norm(q), self.k_norm(k), v
+
+
+class JointBlock(nn.Module):
+    """Dual-stream block: image and text keep their own weights and share one softmax attention.
+
+    Per stream: adaLN-Zero modulation from the conditioning vector (shift, scale, gate for attention
+    and MLP; zero-initialised, so a fresh block is the identity). The last block only lets text act
+    as keys and values: its text output would be discarded, so it has no text queries, output
+    projection, MLP or gates (less work, and unused parameters would break DDP)."""
+
+    def __init__(self, cfg: ModelConfig, *, last: bool):
+        super().__init__()
+        D = cfg.width
+        self.last = last
+        self.attn_backend = cfg.attn_backend
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # shared: no parameters
+        self.img_mod = nn.Linear(D, 6 * D)
+        self.img_attn = StreamAttention(D, cfg.num_heads)
+        self.img_mlp = make_mlp(cfg.mlp_type, D, cfg.mlp_ratio)
+        self.txt_mod = nn.Linear(D, (2 if last else 6) * D)
+        self.txt_attn = StreamAttention(D, cfg.num_heads, queries=not last)
+        self.txt_mlp = None if last else make_mlp(cfg.mlp_type, D, cfg.mlp_ratio)
+
+    def forward(
+        self, *, img: Tensor, txt: Tensor, vec: Tensor, pe: tuple[Tensor, Tensor], mask: KeyMask
+    ) -> tuple[Tensor, Tensor]:
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, -1)
+        txt_mod = self.txt_mod(vec).chunk(2 if self.last else 6, -1)  # each (B, D)
+
+        # Prepare image, prepare text, one joint attention (queries: image, then text unless last).
+        img_q, img_k, img_v = self.img_attn.heads_of(modulate(self.norm(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.heads_of(modulate(self.norm(txt), txt_mod[0], txt_mod[1]))
+        cos, sin = pe
+        img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
+        q = img_q if self.last else torch.cat([img_q, txt_q], dim=2)  # (B, H, L_img or L, Dh)
+        k = torch.cat([img_k, txt_k], dim=2)                          # (B, H, L, Dh)
+        v = torch.cat([img_v, txt_v], dim=2)
+        backend = resolve_backend(self.attn_backend, q.device, q.dtype)
+        out = attention(q, k, v, mask=mask, backend=backend)          # (B, L_img or L, D)
+
+        # Split, then two residual updates per stream.
+        img = gated(img, img_gate1, self.img_attn.proj(out[:, : img.shape[1]]))
+        img = gated(img, img_gate2, self.img_mlp(modulate(self.norm(img), img_shift2, img_scale2)))
+        if self.last:
+            return img, txt
+        _, _, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
+        txt = gated(txt, txt_gate1, self.txt_attn.proj(out[:, img.shape[1] :]))
+        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.norm(txt), txt_shift2, txt_scale2)))
+        return img, txt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Final layer
+# ---------------------------------------------------------------------------------------------------
+
+
+class FinalLayer(nn.Module):
+    """Modulated norm -> linear to C p p values per token; zero-initialised so a fresh model predicts 0."""
+
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mod = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, img: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.mod(vec).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(img), shift, scale))  # (B, L_img, C p p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+
+
+class MMDiT(nn.Module):
+    """Predicts the rectified-flow velocity v = x1 - x0 of noisy latents xt at time t."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p, C = cfg.width, cfg.patch_size, cfg.in_channels
+        self.img_in = nn.Linear(C * p * p, D)
+        self.txt_in = nn.ModuleList(TextEmbedder(d, D, cfg.text_scale_init) for d in cfg.text_dims)
+        self.time_in = TimestepEmbedder(D, cfg.time_scale_init)
+        self.pooled_in = PooledEmbedder(cfg.pooled_dim, D)
+        self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
+        self.final = FinalLayer(D, C * p * p)
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT's initialisation: Xavier-uniform linears, zero biases, then adaLN-Zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_in.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_in.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            for mod in (block.img_mod, block.txt_mod):
+                nn.init.zeros_(mod.weight)
+                nn.init.zeros_(mod.bias)
+        for layer in (self.final.mod, self.final.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def rope_scale(self) -> float:
+        return self.cfg.max_res_orig / self.cfg.max_res
+
+    def rope(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (grid_h, grid_w, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_frequencies(
+                grid_h, grid_w, self.cfg.width // self.cfg.num_heads,
+                theta=self.cfg.rope_theta, scale=self.rope_scale, device=device,
+            )
+        return self._rope_cache[key]
+
+    def forward(
+        self, *, xt: Tensor, t: Tensor, text: tuple[Tensor, ...], text_mask: tuple[Tensor, ...], pooled: Tensor
+    ) -> Tensor:
+        """xt (B, C, h, w), t (B,) in [0, 1], text[i] (B, L_i, D_i), text_mask[i] (B, L_i) bool,
+        pooled (B, P) -> v_pred (B, C, h, w)."""
+        p = self.cfg.patch_size
+        B, _, h, w = xt.shape
+        grid_h, grid_w = h // p, w // p
+        img = self.img_in(patchify(xt, p))                                          # (B, L_img, D)
+        txt = torch.cat([embed(x) for embed, x in zip(self.txt_in, text)], dim=1)   # (B, L_txt, D)
+        # SiLU once here instead of in every block's modulation (same function, one op per forward).
+        vec = F.silu(self.time_in(t) + self.pooled_in(pooled))                      # (B, D)
+        pe = self.rope(grid_h, grid_w, xt.device)                                   # (L_img, Dh/2) x 2
+        mask = KeyMask.build(img.shape[1], [m.bool() for m in text_mask], B, xt.device)
+        for block in self.blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, mask=mask)
+        return unpatchify(self.final(img, vec), grid_h, grid_w, p)                  # (B, C, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_image_size(cfg: ModelConfig, latent_factor: int, width: int, height: int) -> None:
+    """A pixel size the model cannot take raises a ValueError that names the nearest valid sizes."""
+    multiple = latent_factor * cfg.patch_size
+    for name, side in (("width", width), ("height", height)):
+        if side <= 0 or side % multiple:
+            lower = max(multiple, side // multiple * multiple)
+            raise ValueError(
+                f"{name}={side} is not a positive multiple of {multiple} (latent factor {latent_factor} x "
+                f"patch {cfg.patch_size}); try {lower} or {lower + multiple}"
+            )
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Exact parameter count, without allocating the weights."""
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_flops_per_sample(cfg: ModelConfig, img_tokens: int, txt_tokens: tuple[int, ...]) -> float:
+    """Matmul FLOPs of one training sample (forward + backward, no activation recomputation).
+
+    Counts 2 m n k per matmul, as `torch.utils.flop_counter` does. The backward costs two matmuls per
+    forward matmul (input and weight gradients), except where the input needs no gradient: the patch
+    embedding and the pooled embedding's first layer (data in) only compute weight gradients."""
+    D, C, p, P = cfg.width, cfg.in_channels, cfg.patch_size, cfg.pooled_dim
+    hidden = int(D * cfg.mlp_ratio)
+    mlp_mults = 3 if cfg.mlp_type == "swiglu" else 2  # matmuls of D x hidden per token
+    L_img, L_txt = img_tokens, sum(txt_tokens)
+    L = L_img + L_txt
+
+    def linear(tokens: int, fan_in: int, fan_out: int) -> int:
+        return 2 * tokens * fan_in * fan_out
+
+    data_in = linear(L_img, C * p * p, D) + linear(1, P, D)     # backward: weight gradient only
+    fwd = data_in + linear(1, D, D)                             # pooled MLP's second layer
+    fwd += sum(linear(n, d, D) for n, d in zip(txt_tokens, cfg.text_dims))
+    fwd += linear(1, TimestepEmbedder.freq_dim, D) + linear(1, D, D)
+    for i in range(cfg.depth):
+        last = i == cfg.depth - 1
+        queries = L_img if last else L                                      # the last block: image queries only
+        fwd += linear(1, D, 6 * D) + linear(1, D, (2 if last else 6) * D)   # modulation
+        fwd += linear(L_img, D, 3 * D) + linear(L_txt, D, (2 if last else 3) * D)  # q, k, v
+        fwd += 2 * (2 * queries * L * D)                                    # QK^T and AV
+        fwd += linear(queries, D, D) + mlp_mults * linear(queries, D, hidden)
+    fwd += linear(1, D, 2 * D) + linear(L_img, D, C * p * p)                  # final layer
+    return float(3 * fwd - data_in)

@@ -1,0 +1,189 @@
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import sd3.model.attention as attention_mod
+from sd3.config import preset
+from sd3.model.attention import KeyMask, attention, resolve_backend
+from sd3.model.mmdit import (
+    MMDiT,
+    check_image_size,
+    count_parameters,
+    patchify,
+    train_flops_per_sample,
+    unpatchify,
+)
+from sd3.model.rope import rope_frequencies
+
+
+def inputs(cfg, B=2, h=8, w=12, lengths=(5, 7), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    text = tuple(torch.randn(B, n, d, generator=g) for n, d in zip(lengths, cfg.text_dims))
+    masks = tuple(torch.ones(B, n, dtype=torch.bool) for n in lengths)
+    return dict(xt=torch.randn(B, cfg.in_channels, h, w, generator=g), t=torch.rand(B, generator=g),
+                text=text, text_mask=masks, pooled=torch.randn(B, cfg.pooled_dim, generator=g))
+
+
+def perturbed(cfg, seed=0):
+    """A model whose zero-initialised parts are perturbed, so every path carries signal."""
+    torch.manual_seed(seed)
+    model = MMDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_fresh_model_predicts_zero(small_model_cfg):
+    out = MMDiT(small_model_cfg)(**inputs(small_model_cfg))
+    assert out.shape == (2, 4, 8, 12)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_forward_is_keyword_only(small_model_cfg):
+    model, x = MMDiT(small_model_cfg), inputs(small_model_cfg)
+    with pytest.raises(TypeError):
+        model(x["xt"], x["t"], x["text"], x["text_mask"], x["pooled"])
+
+
+def test_text_padding_is_masked_out(small_model_cfg):
+    """Extra padding of any value (and any length) does not change the image prediction."""
+    model, x = perturbed(small_model_cfg), inputs(small_model_cfg)
+    ref = model(**x)
+    padded_text = tuple(torch.cat([t, 100 * torch.randn(t.shape[0], 9, t.shape[2])], dim=1) for t in x["text"])
+    padded_mask = tuple(torch.cat([m, torch.zeros(m.shape[0], 9, dtype=torch.bool)], dim=1) for m in x["text_mask"])
+    out = model(**{**x, "text": padded_text, "text_mask": padded_mask})
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dropped_stream_contributes_nothing(small_model_cfg):
+    model, x = perturbed(small_model_cfg), inputs(small_model_cfg)
+    dropped_mask = (torch.zeros_like(x["text_mask"][0]), x["text_mask"][1])
+    a = model(**{**x, "text_mask": dropped_mask})
+    other_values = (torch.randn_like(x["text"][0]), x["text"][1])
+    b = model(**{**x, "text": other_values, "text_mask": dropped_mask})
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, model(**x))  # and the stream does matter when it is present
+
+
+def test_every_parameter_gets_a_gradient(small_model_cfg):
+    """No unused parameters (DDP would need find_unused_parameters): the last block has no text MLP."""
+    for mlp_type in ("swiglu", "gelu"):
+        cfg = dataclasses.replace(small_model_cfg, mlp_type=mlp_type)
+        model = perturbed(cfg)
+        assert model.blocks[-1].txt_mlp is None and model.blocks[-1].txt_attn.proj is None
+        model(**inputs(cfg)).square().mean().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert missing == []
+
+
+def test_non_square_and_patchify_round_trip(small_model_cfg):
+    x = torch.randn(3, 4, 6, 10)
+    assert torch.equal(unpatchify(patchify(x, 2), 3, 5, 2), x)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (3, 15, 16)
+    assert torch.equal(tokens[0, 1], x[0, :, 0:2, 2:4].reshape(-1))  # row-major grid order
+    out = perturbed(small_model_cfg)(**inputs(small_model_cfg, h=4, w=16))
+    assert out.shape == (2, 4, 4, 16)
+
+
+def test_rope_interpolation_scales_positions():
+    cos1, sin1 = rope_frequencies(4, 4, 64, theta=1e4, scale=1.0, device="cpu")
+    cos2, sin2 = rope_frequencies(8, 8, 64, theta=1e4, scale=0.5, device="cpu")
+    # Grid (2r, 2c) at half scale is at the same position as (r, c) unscaled.
+    for r, c in [(0, 1), (1, 3), (3, 2)]:
+        torch.testing.assert_close(cos2[(2 * r) * 8 + 2 * c], cos1[r * 4 + c])
+        torch.testing.assert_close(sin2[(2 * r) * 8 + 2 * c], sin1[r * 4 + c])
+    # Rows rotate the first half of the channels, columns the second.
+    cos_r, _ = rope_frequencies(2, 2, 8, theta=1e4, scale=1.0, device="cpu")
+    assert torch.equal(cos_r[1, :2], torch.ones(2)) and not torch.equal(cos_r[1, 2:], torch.ones(2))
+
+
+def test_rope_scale_reaches_the_model(small_model_cfg):
+    a = perturbed(small_model_cfg)
+    b = perturbed(dataclasses.replace(small_model_cfg, max_res=128))
+    assert b.rope_scale == 0.5
+    x = inputs(small_model_cfg)
+    assert not torch.allclose(a(**x), b(**x))
+
+
+def test_image_size_check(small_model_cfg):
+    check_image_size(small_model_cfg, 8, 64, 48)
+    with pytest.raises(ValueError, match=r"width=70 is not a positive multiple of 16.*try 64 or 80"):
+        check_image_size(small_model_cfg, 8, 70, 48)
+
+
+def test_sd3_256_parameter_count():
+    n = count_parameters(preset("sd3_256").model)
+    assert n == 1_221_781_763  # README reports this figure
+    assert count_parameters(preset("sd3_512").model) == n  # stages share one architecture
+
+
+@pytest.mark.parametrize("mlp_type", ["swiglu", "gelu"])
+def test_flop_formula_matches_flop_counter(small_model_cfg, mlp_type):
+    cfg = dataclasses.replace(small_model_cfg, mlp_type=mlp_type)
+    model = perturbed(cfg)
+    x = inputs(cfg, B=3, h=8, w=12, lengths=(9, 4))
+    # The counter has formulas for the fused CUDA attention kernels but not the CPU one: count through
+    # the math kernel, which it sees as matmuls.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**x).square().mean().backward()
+    measured = counter.get_total_flops() / 3
+    predicted = train_flops_per_sample(cfg, img_tokens=4 * 6, txt_tokens=(9, 4))
+    assert abs(predicted / measured - 1) < 0.02
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        resolve_backend("flash", torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError):
+        resolve_backend("fast", torch.device("cpu"), torch.float32)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Pure-torch stand-in for flash_attn_varlen_func: attention within each packed sequence."""
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        w = torch.softmax(torch.einsum("qhd,khd->hqk", qs, ks) / qs.shape[-1] ** 0.5, dim=-1)
+        out.append(torch.einsum("hqk,khd->qhd", w, vs))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("queries", ["all", "image"])
+def test_varlen_packing_matches_sdpa(monkeypatch, queries):
+    """The flash path's packing/unpacking (run here with a reference kernel) equals masked SDPA."""
+    monkeypatch.setattr(attention_mod, "flash_attn_varlen_func", _reference_varlen)
+    B, H, L_img, Dh = 3, 2, 6, 8
+    txt_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    mask = KeyMask.build(L_img, [txt_mask], B, torch.device("cpu"))
+    L = L_img + 4
+    q, k, v = (torch.randn(B, H, L, Dh) for _ in range(3))
+    if queries == "image":
+        q = q[:, :, :L_img]
+    ref = attention(q, k, v, mask=mask, backend="sdpa")
+    out = attention(q, k, v, mask=mask, backend="flash")
+    keep = mask.keep if queries == "all" else mask.keep[:, :L_img]
+    torch.testing.assert_close(out[keep], ref[keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "xformers"])
+def test_cuda_backends_match_sdpa(small_model_cfg, backend):
+    if backend == "flash" and attention_mod.flash_attn_varlen_func is None:
+        pytest.skip("flash-attn not installed")
+    if backend == "xformers" and attention_mod.xops is None:
+        pytest.skip("xformers not installed")
+    cfg = dataclasses.replace(small_model_cfg, width=128, num_heads=2)
+    model = perturbed(cfg).cuda()
+    x = {k: (tuple(t.cuda() for t in v) if isinstance(v, tuple) else v.cuda()) for k, v in inputs(cfg).items()}
+    x["text_mask"] = (x["text_mask"][0], torch.zeros_like(x["text_mask"][1]))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = model(**x)
+        model.blocks.apply(lambda m: setattr(m, "attn_backend", backend) if hasattr(m, "attn_backend") else None)
+        out = model(**x)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
