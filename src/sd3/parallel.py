@@ -1,0 +1,55 @@
+"""Everything that wraps the model from outside: activation checkpointing, compile, DDP.
+
+The model file knows none of this (torchtitan's `parallelize` pattern): the trainer builds a plain
+MMDiT, loads weights into it, then calls `parallelize` and trains the returned module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.nn.parallel import DistributedDataParallel
+
+from sd3.config import TrainConfig
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every block's activations in the backward pass (non-reentrant: exact gradients).
+
+    The wrapper keeps state_dict keys unchanged, so checkpoints do not depend on this setting."""
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block on its own (one graph reused by every block, short compile times)."""
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = torch.compile(block)
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup | None,
+                device: torch.device) -> nn.Module:
+    """Apply the configured wrappers; DDP over `group` (the model ranks) when there is more than one.
+
+    DDP broadcasts rank 0's weights at construction, so every model rank starts identical."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    if group is None or dist.get_world_size(group) == 1:
+        return model
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=group,
+        broadcast_buffers=False,        # the model has no buffers that change
+        gradient_as_bucket_view=True,   # gradients live in the all-reduce buckets: one copy fewer
+        static_graph=True,              # same graph every step (lets DDP skip per-step graph analysis)
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP (its state_dict is what checkpoints store)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
