@@ -20,6 +20,7 @@ a model that records gradients.
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import os
 from pathlib import Path
@@ -35,8 +36,8 @@ from sd3.config import ConfigError, EncoderConfig, ModelConfig
 # The values are read from each autoencoder's own config; nothing here hard-codes them.
 
 # A guard against pathological captions: the tokenizer would otherwise split a multi-megabyte string in
-# full before truncating it. No token of these vocabularies spans this many characters, so the first
-# `max_tokens` tokens come out the same.
+# full before truncating it. Cutting at this many characters per kept token cannot change the kept
+# tokens unless they averaged over 256 characters each, which no real vocabulary's tokens do.
 _CHARS_PER_TOKEN_LIMIT = 256
 
 _STAND_IN_HINT = "or pass --encoders.create_tiny=true for random-init stand-ins (demo and tests only)"
@@ -119,7 +120,8 @@ def load_text_encoders(cfg: EncoderConfig, device: torch.device | str) -> TextEn
         models.append(_load_weights(key, source, AutoModel, dtype).to(device))
     key = "encoders.pooled"
     pooled_tokenizer = _load_tokenizer(key, cfg.pooled)
-    pooled_model = _load_weights(key, cfg.pooled, CLIPTextModelWithProjection, dtype)
+    pooled_model = _load_weights(key, cfg.pooled, CLIPTextModelWithProjection, dtype,
+                                 config=_clip_text_config(key, cfg.pooled))
     _check_clip_eos(key, cfg.pooled, pooled_tokenizer, pooled_model.config)
     names = (*(f"encoders.text[{i}]={s!r}" for i, s in enumerate(cfg.text)),
              f"encoders.pooled={cfg.pooled!r}")
@@ -148,7 +150,21 @@ def _load_tokenizer(key: str, source: str):
     return tokenizer
 
 
-def _load_weights(key: str, source: str, cls, dtype: torch.dtype) -> torch.nn.Module:
+def _clip_text_config(key: str, source: str):
+    """The text-tower config of a CLIP checkpoint. A full CLIP checkpoint (as MetaCLIP ships) states its
+    projection width at the top level; the nested text config's own `projection_dim` is often left at
+    its default (512) and would not match the saved projection, so the top-level value wins."""
+    from transformers import AutoConfig
+
+    config = _load(key, source, AutoConfig.from_pretrained)
+    if getattr(config, "text_config", None) is None:
+        return config  # a bare CLIPTextConfig (a text-tower-only checkpoint)
+    text_config = config.text_config
+    text_config.projection_dim = config.projection_dim
+    return text_config
+
+
+def _load_weights(key: str, source: str, cls, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
     """`cls.from_pretrained(source)`, failing when any weight of the model is missing from the checkpoint
     (it would silently stay random). Unused checkpoint weights are expected and not reported: the
     masked-LM head of a ModernBERT checkpoint, the vision tower of a full CLIP one."""
@@ -158,7 +174,7 @@ def _load_weights(key: str, source: str, cls, dtype: torch.dtype) -> torch.nn.Mo
     hf_logging.set_verbosity_error()
     try:
         model, info = _load(key, source,
-                            lambda s: cls.from_pretrained(s, dtype=dtype, output_loading_info=True))
+                            lambda s: cls.from_pretrained(s, dtype=dtype, output_loading_info=True, **kwargs))
     finally:
         hf_logging.set_verbosity(level)
     _check_missing(key, source, type(model).__name__, info["missing_keys"])
@@ -234,7 +250,7 @@ def _freeze(module: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-class Autoencoder:
+class Autoencoder(abc.ABC):
     """Images (B, 3, H, W) in [-1, 1] <-> latents (B, channels, H / factor, W / factor)."""
 
     channels: int
@@ -242,11 +258,13 @@ class Autoencoder:
     device: torch.device
     dtype: torch.dtype
 
+    @abc.abstractmethod
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        raise NotImplementedError
+        """Images (B, 3, H, W) float in [-1, 1] -> latents (B, channels, H / factor, W / factor)."""
 
+    @abc.abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Latents -> float32 images (B, 3, H, W), clamped to [-1, 1]."""
 
     def _check_images(self, images: Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():

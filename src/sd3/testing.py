@@ -252,11 +252,13 @@ def _build_clip(out: Path, *, width: int) -> None:
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     # OpenAI CLIP pads with its EOS token; the model pools at the first EOS of each row.
     tok = _tokenizer((bos, "$A", eos), bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos)
+    # The projection width is given only at the top level, as in converted checkpoints: the nested
+    # configs keep their default projection_dim (512), which the loader must not trust.
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77, projection_dim=width,
+                num_attention_heads=2, max_position_embeddings=77,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=16, projection_dim=width)
+                  image_size=32, patch_size=16)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
     with _seeded():
         model = AutoModel.from_config(config, attn_implementation="sdpa")
