@@ -1,0 +1,333 @@
+"""Tiny random-init stand-ins for the frozen encoders, built locally in a second or two.
+
+    make_tiny_encoders(cfg.encoders, cfg.model)    # writes them at the paths cfg.encoders names
+    cfg = tiny_config(tmp_path)                    # the `tiny` preset pointed at fresh stand-ins
+
+They have the architectures of the real ones (Gemma-2, ModernBERT, a full CLIP checkpoint, a FLUX-style
+AutoencoderKL) at toy sizes, random weights, and one byte-level BPE tokenizer trained here on a
+generated caption corpus. They are saved with `save_pretrained` and loaded back through the real
+loading code (`sd3.encoders`), so tests and the CPU demo exercise the same path as a real run.
+They make the pipeline run; they cannot make good images. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from sd3.config import Config, ConfigError, EncoderConfig, ModelConfig, preset
+
+VOCAB_SIZE = 1280
+SEED = 0
+
+# Special tokens of the three tokenizer families: Gemma (<bos> ... , pad <pad>), ModernBERT
+# ([CLS] ... [SEP], pad [PAD]) and CLIP (<|startoftext|> ... <|endoftext|>, padded with <|endoftext|>).
+_SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+             "<|startoftext|>", "<|endoftext|>"]
+
+# The FLUX.1 autoencoder's latent statistics (black-forest-labs/FLUX.1-schnell, vae/config.json), so the
+# stand-in exercises the same (z - shift) * scale convention with realistic numbers.
+FLUX_SCALING_FACTOR = 0.3611
+FLUX_SHIFT_FACTOR = 0.1159
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def make_tiny_encoders(enc: EncoderConfig, model: ModelConfig) -> list[Path]:
+    """Create random-init stand-ins at the paths `enc` names: `enc.text[i]` (Gemma-2 for even i,
+    ModernBERT for odd i, width `model.text_dims[i]`), `enc.pooled` (a full CLIP checkpoint with
+    projection width `model.pooled_dim`) and, unless `enc.vae == 'pixel'`, `enc.vae`/`enc.vae_subfolder`
+    (an AutoencoderKL with `model.in_channels` latent channels, factor 8).
+
+    Complete directories are left alone; each new one is written to a temporary sibling and renamed into
+    place, so two processes racing here both end with the same complete directory. Returns the
+    directories this call wrote."""
+    if len(model.text_dims) != len(enc.text):
+        raise ConfigError(f"model.text_dims has {len(model.text_dims)} entries but encoders.text names "
+                          f"{len(enc.text)} encoders: give one width per text encoder")
+    jobs: list[tuple[str, Path, Callable[[Path], None]]] = []
+    for i, (path, width) in enumerate(zip(enc.text, model.text_dims)):
+        build = _build_gemma2 if i % 2 == 0 else _build_modernbert
+        jobs.append((f"encoders.text[{i}]", Path(path), functools.partial(build, width=width,
+                                                                           key=f"model.text_dims[{i}]")))
+    jobs.append(("encoders.pooled", Path(enc.pooled), functools.partial(_build_clip, width=model.pooled_dim)))
+    if enc.vae != "pixel":
+        target = Path(enc.vae) / enc.vae_subfolder if enc.vae_subfolder else Path(enc.vae)
+        build_vae = functools.partial(_build_autoencoder, channels=model.in_channels)
+        jobs.append(("encoders.vae", target, build_vae))
+    written = []
+    for key, target, build in jobs:
+        build = functools.partial(_quietly, build)
+        needs_tokenizer = key != "encoders.vae"
+        if _is_complete(target, tokenizer=needs_tokenizer):
+            continue
+        if target.exists() and any(target.iterdir()):
+            raise ConfigError(f"{key}: {str(target)!r} exists but holds no complete model; delete it or "
+                              f"point {key} elsewhere to have a stand-in created there")
+        if _write_atomically(target, build, tokenizer=needs_tokenizer):
+            written.append(target)
+    return written
+
+
+def tiny_config(root: str | Path, *, vae: str = "pixel") -> Config:
+    """The `tiny` preset with its encoders under `root`, created (for tests). `vae='flux'` swaps the
+    pixel autoencoder for a tiny 16-channel FLUX-style AutoencoderKL (and sets model.in_channels=16)."""
+    if vae not in ("pixel", "flux"):
+        raise ValueError(f"tiny_config: vae={vae!r} must be 'pixel' or 'flux'")
+    root = Path(root)
+    cfg = preset("tiny")
+    cfg.encoders.text = (str(root / "gemma"), str(root / "bert"))
+    cfg.encoders.pooled = str(root / "clip")
+    if vae == "flux":
+        cfg.encoders.vae, cfg.encoders.vae_subfolder = str(root / "flux"), "vae"
+        cfg.model.in_channels = 16
+    make_tiny_encoders(cfg.encoders, cfg.model)
+    return cfg.validate()
+
+
+def caption_corpus(n: int = 4000, seed: int = SEED) -> list[str]:
+    """`n` English-like captions from a seeded grammar (the tokenizer's training text; also handy as test
+    captions). Deterministic: the same (n, seed) always gives the same list."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        template = rng.choice(_TEMPLATES)
+        words = {k: rng.choice(v) for k, v in _WORDS.items()}
+        out.append(template.format(number=rng.randint(1, 9999), **words))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a directory once
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_complete(path: Path, *, tokenizer: bool) -> bool:
+    has_weights = any(path.glob("*.safetensors"))
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    return (path / "config.json").is_file() and has_weights and (has_tokenizer or not tokenizer)
+
+
+def _write_atomically(target: Path, build: Callable[[Path], None], *, tokenizer: bool) -> bool:
+    """Build into a private temporary sibling, then rename it to `target`. Returns False when another
+    process got there first (its directory is complete: rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        build(tmp)
+        with contextlib.suppress(OSError):
+            target.rmdir()  # an empty directory (made by hand, or a parent path) is replaced
+        try:
+            tmp.rename(target)
+        except OSError:
+            if _is_complete(target, tokenizer=tokenizer):
+                return False  # lost a race; the winner's copy is the same seeded stand-in
+            raise
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stand-ins
+# --------------------------------------------------------------------------------------------------
+
+
+def _quietly(build: Callable[[Path], None], out: Path) -> None:
+    """Run `build(out)` without transformers' progress bars (a stand-in saves in milliseconds)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        build(out)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@functools.cache
+def _bpe():
+    """One byte-level BPE (the GPT-2 / ModernBERT family), trained here on the generated corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(caption_corpus(), trainer)
+    return tok
+
+
+def _tokenizer(template: tuple[str, ...], **special_tokens: str):
+    """The shared BPE with `template` (special tokens around $A) as its post-processor, wrapped for
+    transformers with the given special tokens."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(_bpe().to_str())
+    used = [t for t in template if t != "$A"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=" ".join(template), special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(used)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1_000_000, **special_tokens)
+
+
+@contextlib.contextmanager
+def _seeded() -> Iterator[None]:
+    """Same weights every time, without touching the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        yield
+
+
+def _check_width(key: str, width: int) -> None:
+    # Two heads whose width is even (rotary embeddings rotate pairs).
+    if width < 4 or width % 4:
+        raise ConfigError(f"{key}={width}: a stand-in text encoder needs a width that is a positive multiple "
+                          "of 4 (two heads, rotary pairs); pick e.g. 64")
+
+
+def _build_gemma2(out: Path, *, width: int, key: str) -> None:
+    from transformers import AutoModel, Gemma2Config
+
+    _check_width(key, width)
+    tok = _tokenizer(("<bos>", "$A"), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                     unk_token="<unk>")
+    head_dim = width // 2
+    config = Gemma2Config(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    # No attn_implementation="sdpa": Gemma-2 soft-caps its attention logits, which SDPA cannot do, and
+    # transformers refuses it for Gemma2Model.
+    with _seeded():
+        model = AutoModel.from_config(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_modernbert(out: Path, *, width: int, key: str) -> None:
+    from transformers import AutoModel, ModernBertConfig
+
+    _check_width(key, width)
+    tok = _tokenizer(("[CLS]", "$A", "[SEP]"), cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                     unk_token="[UNK]", mask_token="[MASK]")
+    # ModernBERT's default special-token ids (50281...) lie outside a tiny vocabulary: set them all.
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in
+           [("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]")]}
+    config = ModernBertConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=512, local_attention=16,
+        pad_token_id=ids["pad"], bos_token_id=ids["cls"], cls_token_id=ids["cls"], eos_token_id=ids["sep"],
+        sep_token_id=ids["sep"],
+    )
+    with _seeded():
+        model = AutoModel.from_config(config, attn_implementation="sdpa")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_clip(out: Path, *, width: int) -> None:
+    """A full CLIPModel (text and vision towers), as MetaCLIP ships, so the loader's path that takes the
+    text tower with its projection out of a full checkpoint is the one tested."""
+    from transformers import AutoModel, CLIPConfig
+
+    if width < 1:
+        raise ConfigError(f"model.pooled_dim={width} must be positive")
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    # OpenAI CLIP pads with its EOS token; the model pools at the first EOS of each row.
+    tok = _tokenizer((bos, "$A", eos), bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos)
+    # The projection width is given only at the top level, as in converted checkpoints: the nested
+    # configs keep their default projection_dim (512), which the loader must not trust.
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=16)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
+    with _seeded():
+        model = AutoModel.from_config(config, attn_implementation="sdpa")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _build_autoencoder(out: Path, *, channels: int) -> None:
+    """A FLUX-shaped AutoencoderKL at toy width: four blocks (factor 8), no quant convs, FLUX's
+    scaling and shift factors."""
+    from diffusers import AutoencoderKL
+
+    if channels < 1:
+        raise ConfigError(f"model.in_channels={channels} must be positive")
+    with _seeded():
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=channels,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+            scaling_factor=FLUX_SCALING_FACTOR, shift_factor=FLUX_SHIFT_FACTOR,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+    vae.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The caption grammar
+# --------------------------------------------------------------------------------------------------
+
+_WORDS = {
+    "adj": ("red", "blue", "green", "yellow", "small", "large", "old", "young", "bright", "dark", "wooden",
+            "golden", "quiet", "busy", "snowy", "sunny", "misty", "tiny", "ancient", "modern", "striped",
+            "fluffy", "shiny", "rusty", "colorful", "empty", "crowded", "calm", "wild", "soft"),
+    "noun": ("cat", "dog", "horse", "astronaut", "rocket", "cup of coffee", "bicycle", "tree", "house",
+             "mountain", "river", "bridge", "car", "boat", "bird", "flower", "child", "woman", "man",
+             "castle", "lighthouse", "robot", "teapot", "guitar", "forest", "city street", "beach", "train",
+             "owl", "fox", "elephant", "apple", "book", "lamp", "chair", "window", "cloud", "candle"),
+    "place": ("on a wooden table", "in a field", "at sunset", "under a clear blue sky", "on the beach",
+              "in the snow", "next to a window", "in a busy market", "on a mountain top", "in the rain",
+              "at night", "in a garden", "by the sea", "in a forest", "on a city street", "in space"),
+    "verb": ("sitting", "standing", "running", "sleeping", "riding a horse", "flying", "reading a book",
+             "looking at the camera", "playing", "walking", "resting", "jumping", "floating", "glowing"),
+    "style": ("a photograph", "a painting", "a watercolor", "a sketch", "a close-up photo", "a 3d render",
+              "an oil painting", "a pencil drawing", "a wide shot", "a film still", "a poster", "a photo"),
+    "light": ("soft light", "golden hour light", "dramatic shadows", "studio lighting", "morning fog",
+              "neon light", "candlelight", "overcast light", "harsh midday sun", "moonlight", "backlight"),
+    "material": ("glass", "marble", "porcelain", "velvet", "copper", "concrete", "paper", "leather", "silk",
+                 "bamboo", "granite", "ceramic", "plastic", "wool", "linen", "brass", "ivory", "clay"),
+    "thing": ("umbrella", "kettle", "telescope", "violin", "sandcastle", "windmill", "typewriter",
+              "compass", "lantern", "hammock", "carousel", "greenhouse", "skyscraper", "submarine",
+              "helicopter", "waterfall", "volcano", "canyon", "glacier", "meadow", "orchard", "vineyard",
+              "harbor", "desert", "penguin", "giraffe", "dolphin", "butterfly", "squirrel", "turtle",
+              "peacock", "hedgehog", "strawberry", "pineapple", "croissant", "sandwich", "pumpkin",
+              "mushroom", "cactus", "sunflower"),
+    "count": ("two", "three", "four", "several", "many", "a dozen", "a pair of", "five"),
+    "color": ("crimson", "turquoise", "lavender", "emerald", "amber", "magenta", "ochre", "indigo", "silver",
+              "charcoal", "beige", "maroon", "teal", "scarlet", "navy", "olive"),
+}
+_TEMPLATES = (
+    "{style} of a {adj} {noun} {place}",
+    "a {adj} {noun} {verb} {place}",
+    "{style} of a {noun} {verb} {place}, {light}",
+    "A {adj} {noun}. The {noun} is {verb} {place}.",
+    "{adj} {noun}, {light}, {style}",
+    "close up of a {adj} {noun} with a {adj} background",
+    "two {adj} {noun}s {verb} {place}",
+    "The image shows a {adj} {noun} {verb} {place}. In the background there is a {adj} {noun} in {light}.",
+    "{count} {color} {thing}s made of {material} {place}",
+    "a {material} {thing} beside a {color} {noun}, {style}",
+    "{style} of a {thing} {place}, {color} and {color} tones, {light}",
+    "Photo: {thing} ({material}), {count} of them, {place}; shot #{number} in {light}",
+)
