@@ -256,6 +256,8 @@ class Receiver:
         self.extras: dict[int, list[Batch]] = {PROMPTS: [], VALIDATION: []}
         self.wait_s = 0.0          # time the trainer spent blocked on data
         self.bytes = 0             # bytes received in batches the trainer consumed
+        self.encode_s = 0.0        # the loader's encode time of those batches
+        self.batches = 0
         self.stats: dict = {}
         self._thread = threading.Thread(target=self._run, name=f"receive-from-{src}", daemon=True)
         self._thread.start()
@@ -306,6 +308,8 @@ class Receiver:
         if message.kind != BATCH:
             raise TransportError(f"unexpected {KIND_NAMES.get(message.kind)} message from loader rank {self.src}")
         self.bytes += message.nbytes
+        self.encode_s += message.stats["encode_s"]
+        self.batches += 1
         self.stats = message.stats
         return message.batch
 
@@ -326,6 +330,8 @@ class LocalBatches:
         self.step, self.end_step = start_step, end_step
         self.wait_s = 0.0
         self.bytes = 0
+        self.encode_s = 0.0
+        self.batches = 0
         self.stats: dict = {}
         producer.start(start_step, end_step)
 
@@ -341,6 +347,8 @@ class LocalBatches:
         start = time.perf_counter()
         batch, self.stats = self.producer.next()
         self.wait_s += time.perf_counter() - start
+        self.encode_s += self.stats["encode_s"]
+        self.batches += 1
         self.step += 1
         return batch
 

@@ -1,0 +1,187 @@
+"""Loader ranks: sampler -> reader -> decode -> autoencoder and text encoders -> Batch -> model ranks.
+
+Decoding runs ahead on worker threads (image decoding and parquet reads release the GIL), bounded
+so memory stays flat; encoding runs on this rank's GPU; sends are asynchronous with a bounded
+number in flight, which is also the backpressure that keeps a loader from running away. A loader
+never builds the diffusion model.
+
+    producer = BatchProducer(cfg, device=..., model_indices=[0, 1, 2], num_model_ranks=6)
+    producer.start(first_step, end_step)
+    batch, stats = producer.next()      # the Batch for the next step, for all the model ranks fed
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from sd3.batch import Batch
+from sd3.config import Config
+from sd3.encoders import check_widths, load_autoencoder, load_text_encoders
+from sd3.flow import step_generator
+from sd3.metrics import log_rank
+from sd3.runtime import Runtime
+from sd3.transport import PROMPTS, VALIDATION, Sender, pack, pack_end, pack_error
+
+VAE_CHUNK = 64  # images per autoencoder call: bounds activation memory for large loader batches
+
+
+def open_dataset(cfg: Config, num_model_ranks: int):
+    from sd3.data import BucketDataset
+
+    if cfg.data.create_demo:
+        from sd3.data.demo import ensure_demo_dataset
+
+        ensure_demo_dataset(cfg.data.dataset, max_res=cfg.model.max_res, multiple=cfg.pixel_multiple)
+    return BucketDataset(cfg.data, seed=cfg.train.seed, num_model_ranks=num_model_ranks,
+                         max_res=cfg.model.max_res, multiple=cfg.pixel_multiple)
+
+
+def ensure_stand_in_encoders(cfg: Config) -> None:
+    if cfg.encoders.create_tiny:
+        from sd3.testing import make_tiny_encoders
+
+        make_tiny_encoders(cfg.encoders, cfg.model)
+
+
+class BatchProducer:
+    """Everything one loader does, without any communication (world size 1 uses it directly)."""
+
+    def __init__(self, cfg: Config, *, device: torch.device, model_indices: list[int], num_model_ranks: int,
+                 loader_index: int = 0):
+        self.cfg, self.device = cfg, device
+        self.model_indices = list(model_indices)
+        self.loader_index = loader_index
+        self.dataset = open_dataset(cfg, num_model_ranks)
+        ensure_stand_in_encoders(cfg)
+        self.text = load_text_encoders(cfg.encoders, device)
+        self.ae = load_autoencoder(cfg.encoders, device)
+        check_widths(cfg.model, self.text, self.ae)
+        workers = cfg.data.decode_workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self.ahead = max(cfg.data.prefetch, workers)   # decoded batches in flight
+        self.pending: deque = deque()
+        self.next_step = self.end_step = 0
+        self.corrupt = 0
+
+    def start(self, start_step: int, end_step: int) -> None:
+        self.next_step, self.end_step = start_step, end_step
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.ahead and self.next_step < self.end_step:
+            self.pending.append(self.pool.submit(self.dataset.load, self.next_step, model_ranks=self.model_indices))
+            self.next_step += 1
+
+    def next(self) -> tuple[Batch, dict]:
+        """The next step's Batch (all fed model ranks, in order) and the loader's stats for it."""
+        raw = self.pending.popleft().result()
+        self._fill()
+        start = time.perf_counter()
+        batch = self.encode(raw.images, raw.captions, step=raw.step, rows=torch.from_numpy(raw.rows))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest encode time; sends wait for it anyway
+        self.corrupt += int(raw.stats.get("corrupt", 0))
+        return batch, {"encode_s": time.perf_counter() - start, "corrupt": self.corrupt}
+
+    def encode(self, images: torch.Tensor, captions: list[str], *, step: int, rows: torch.Tensor) -> Batch:
+        # The posterior sample is seeded by (seed, step, loader): a resumed run encodes the same latents.
+        generator = step_generator(self.cfg.train.seed, step, 10_000 + self.loader_index, self.device)
+        images = images.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            latents = torch.cat([self.ae.encode(chunk, generator=generator) for chunk in images.split(VAE_CHUNK)])
+        text, text_mask, pooled = self.text.encode(captions)
+        return Batch(latents=latents, text=text, text_mask=text_mask, pooled=pooled, step=step, rows=rows)
+
+    def extras(self, kind: int) -> list[Batch]:
+        """Startup batches for the first model rank: the sample-grid prompts, the held-out rows."""
+        if kind == PROMPTS:
+            prompts = list(self.cfg.log.sample_prompts)
+            if not prompts:
+                return []
+            text, text_mask, pooled = self.text.encode(prompts)
+            C = self.cfg.model.in_channels
+            latents = torch.empty(len(prompts), C, 0, 0, device=self.device)
+            return [Batch(latents=latents, text=text, text_mask=text_mask, pooled=pooled, step=-1,
+                          rows=torch.full((len(prompts),), -1, dtype=torch.int64))]
+        if kind == VALIDATION:
+            return [self.encode(raw.images, raw.captions, step=-1 - i, rows=torch.from_numpy(raw.rows))
+                    for i, raw in enumerate(self.dataset.holdout_batches(self.cfg.data.batch_size))]
+        raise ValueError(f"unknown startup batch kind {kind}")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
+def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> None:
+    """The loader-rank loop (micro-steps [start_step, end_step)). On any failure it sends its model
+    ranks an ERROR message carrying the reason, then exits non-zero."""
+    feeds = list(rt.ranks.feeds(rt.rank))
+    indices = [rt.ranks.model_index(m) for m in feeds]
+    timeout = timedelta(seconds=cfg.ranks.timeout_s)
+    sender = Sender(group=None, max_in_flight=cfg.data.prefetch * len(feeds), timeout_s=cfg.ranks.timeout_s)
+    # Stop requests (model ranks -> this loader) on the gloo control group, posted now, polled each step.
+    stop_bufs = [torch.zeros(1, dtype=torch.int64) for _ in feeds]
+    stop_works = [dist.irecv(buf, src, group=rt.ctrl_group) for buf, src in zip(stop_bufs, feeds)]
+    producer = None
+    try:
+        producer = BatchProducer(cfg, device=rt.device, model_indices=indices,
+                                 num_model_ranks=len(rt.ranks.model_ranks), loader_index=rt.ranks.loader_index(rt.rank))
+        log_rank(rt.rank, "loader", f"feeding model ranks {feeds}: {producer.dataset.describe()}")
+        first_model = rt.ranks.model_ranks[0]
+        if first_model in feeds:
+            for kind in (PROMPTS, VALIDATION):
+                for extra in producer.extras(kind):
+                    sender.send(pack(extra, kind=kind), first_model)
+                sender.send(pack(_end_marker(cfg, rt.device), kind=kind), first_model)
+        producer.start(start_step, end_step)
+        for _ in range(start_step, end_step):
+            if all(work.is_completed() for work in stop_works):
+                break
+            batch, stats = producer.next()
+            for piece, dst in zip(batch.split(len(feeds)), feeds):
+                sender.send(pack(piece, encode_s=stats["encode_s"], corrupt=stats["corrupt"]), dst)
+        for work in stop_works:  # every model rank says when it is done (last step, or a signal)
+            work.wait(timeout)
+        sender.flush()
+        for dst in feeds:
+            sender.send(pack_end(rt.device), dst)
+        sender.flush()
+    except BaseException as error:
+        reason = f"{type(error).__name__}: {error}"
+        log_rank(rt.rank, "loader", f"failed: {reason}\n{traceback.format_exc()}")
+        _send_error(reason, feeds, rt.device, min(30.0, cfg.ranks.timeout_s))
+        raise SystemExit(1) from error
+    finally:
+        if producer is not None:
+            producer.close()
+
+
+def _end_marker(cfg: Config, device: torch.device) -> Batch:
+    """An empty batch: the end of a run of startup messages of one kind."""
+    C, dims = cfg.model.in_channels, cfg.model.text_dims
+    return Batch(latents=torch.empty(0, C, 0, 0, device=device),
+                 text=tuple(torch.empty(0, 1, d, device=device) for d in dims),
+                 text_mask=tuple(torch.empty(0, 1, dtype=torch.bool, device=device) for _ in dims),
+                 pooled=torch.empty(0, cfg.model.pooled_dim, device=device), step=-1,
+                 rows=torch.empty(0, dtype=torch.int64))
+
+
+def _send_error(reason: str, feeds: list[int], device: torch.device, timeout_s: float) -> None:
+    """Best effort: tell every model rank fed why this loader stops (a fresh sender: the old one may
+    hold sends that will never complete)."""
+    sender = Sender(group=None, max_in_flight=len(feeds) + 1, timeout_s=timeout_s)
+    try:
+        for dst in feeds:
+            sender.send(pack_error(reason, device), dst)
+        sender.flush()
+    except Exception as error:  # noqa: BLE001 - the model ranks may already be gone
+        log_rank(dist.get_rank(), "loader", f"could not tell model ranks {feeds} about the failure: {error}")
+

@@ -1,0 +1,95 @@
+"""Process-level setup: which rank this is, its device, its process groups, and stop signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from sd3.config import Config
+from sd3.rankmap import RankMap
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    ranks: RankMap
+    model_group: dist.ProcessGroup | None
+    """The model ranks (DDP); None at world size 1."""
+    ctrl_group: dist.ProcessGroup | None
+    """Every rank, always gloo: the start handshake and stop requests travel here on the CPU, apart
+    from the data (an NCCL receive posted for a message that comes late would block the data stream)."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_logging(self) -> bool:
+        """The first model rank logs, samples and writes checkpoints."""
+        return self.rank == self.ranks.model_ranks[0]
+
+    @property
+    def role(self) -> str:
+        return self.ranks.role(self.rank)
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but CUDA is not available; use --train.device=cpu")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def rank_map_from_env(cfg: Config) -> RankMap:
+    """Validate the rank map against torchrun's environment before anything heavy."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return RankMap.from_config(cfg.ranks, world_size=world, local_world_size=local_world)
+
+
+def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.train.device, local_rank)
+    if ranks.world_size == 1:
+        return Runtime(rank, 1, local_rank, device, ranks, None, None)
+    backend = cfg.ranks.backend if cfg.ranks.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise RuntimeError("ranks.backend='nccl' needs CUDA; use --ranks.backend=gloo on CPU")
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.ranks.timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    # Every rank creates every group, in this order: a rank that skipped one would hang the job.
+    model_group = dist.new_group(list(ranks.model_ranks))
+    ctrl_group = dist.new_group(list(range(ranks.world_size)), backend="gloo")
+    return Runtime(rank, ranks.world_size, local_rank, device, ranks, model_group, ctrl_group)
+
+
+class StopSignal:
+    """SIGTERM (SLURM, torchrun) and SIGUSR1 (the early warning) ask for a stop at the next step
+    boundary. Handlers only set a flag; repeated signals are harmless (SLURM and torchrun each send
+    SIGTERM). Installed with signal.signal, which also replaces the 'ignore USR1' that the SLURM
+    script gives torchrun (and, through it, us)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
