@@ -96,21 +96,27 @@ class DataConfig:
     dataset: str = "data/cc12m_imagenet21k_256"
     """Folder of bucketed parquet shards (made by data/create_phase.py)."""
     index: str = ""
-    """Bucket index made by src/create_indices.py; '' means `<dataset>/bucket_index.npz`."""
+    """Bucket index made by src/create_indices.py; '' means `<dataset>/bucket_index.safetensors`."""
     batch_size: int = 140
     """Samples per model rank per micro-step."""
     short_caption_prob: float = 0.5
-    """Probability of training on `recaption_short` instead of `recaption` (the other is used when one is empty)."""
+    """Probability of training on `recaption_short` instead of `recaption` (the other is used when one is
+    empty)."""
     small_buckets: str = "drop"
-    """Buckets with fewer rows than one global batch: 'drop' them or 'fill' the batch by repeating rows."""
+    """Rows that do not fill a whole global batch (batch_size x model ranks; a small bucket, or the tail of a
+    large one): 'drop' them for the epoch (no row twice in an epoch), or 'fill' the batch by repeating rows of
+    the same bucket (every row every epoch)."""
     decode_workers: int = 4
     """Threads that read and decode images ahead of the encoders on each loader rank."""
     prefetch: int = 2
     """Batches decoded ahead of the encoders on a loader rank, and batches in flight per model rank."""
+    gpu_decode: bool = True
+    """On CUDA loader ranks, decode JPEGs on the GPU in one batched nvjpeg call (other formats: CPU)."""
     create_demo: bool = False
     """Build the small demo dataset (photos bundled with scikit-image) at `dataset` when it is missing."""
     val_rows: int = 0
-    """Rows held out of training (the first rows of the index order) for the fixed-t validation loss; 0: none."""
+    """Rows held out of training for the fixed-t validation loss, drawn uniformly from the dataset with
+    train.seed (the same rows on every rank and on resume); 0: none."""
 
 
 @dataclass
@@ -305,6 +311,8 @@ class Config:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}={value} must be positive")
+        if d.val_rows < 0:
+            raise ConfigError(f"data.val_rows={d.val_rows} must be >= 0")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
         if t.warmup < 0 or f.t_std <= 0 or f.t_shift <= 0:

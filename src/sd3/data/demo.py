@@ -1,0 +1,217 @@
+"""The demo dataset: real photos bundled with scikit-image and scikit-learn, hand-written captions,
+several crops per photo in square, landscape and portrait aspect ratios, in the seed's schema.
+
+    ensure_demo_dataset("data/demo/64", max_res=64, multiple=8)
+
+writes `data/demo/raw/*.parquet` (full-size crops, as a user's raw shards would be; some stored grey,
+CMYK or RGBA so create_phase's conversions run on real files), then `data/demo/64/*.parquet`
+(create_phase) and its bucket index. It takes a few seconds, does nothing when the dataset is there,
+and is safe when several processes race: each builds in a private temporary folder and renames it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from sd3.data.index import build_index, default_index_path
+from sd3.data.phase import create_phase
+from sd3.data.schema import DataError
+
+
+def _skimage(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from skimage import data  # imported on use: only the demo needs scikit-image
+
+        return getattr(data, name)()
+    return load
+
+
+def _sklearn(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(name)
+    return load
+
+
+# name -> (loader, stored mode, detailed caption, short caption). Photos: scikit-image `data` (public
+# domain / CC0, see its docs) and scikit-learn's sample images (china.jpg, flower.jpg).
+_PHOTOS: dict[str, tuple[Callable[[], np.ndarray], str, str, str]] = {
+    "astronaut": (
+        _skimage("astronaut"), "RGB",
+        "A smiling astronaut with short blond hair in an orange spacesuit poses in front of an American "
+        "flag, with a white helmet at her side and a model of the space shuttle behind her.",
+        "An astronaut in an orange spacesuit smiling for a portrait.",
+    ),
+    "cat": (
+        _skimage("chelsea"), "RGBA",
+        "A close-up of a tabby cat with green eyes and a pink nose, looking slightly to the side against "
+        "a soft, blurred background.",
+        "A close-up of a tabby cat with green eyes.",
+    ),
+    "coffee": (
+        _skimage("coffee"), "CMYK",
+        "A cup of espresso with golden crema sits on a red saucer next to a silver spoon, on a worn "
+        "wooden table.",
+        "An espresso cup on a red saucer on a wooden table.",
+    ),
+    "rocket": (
+        _skimage("rocket"), "RGB",
+        "A white rocket stands on its launch pad at dusk between tall lightning towers, under a deep blue"
+        " sky, with bright lights glowing at its base.",
+        "A rocket on a launch pad under a deep blue evening sky.",
+    ),
+    "tissue": (
+        _skimage("immunohistochemistry"), "RGB",
+        "A microscope image of stained tissue: brown-stained glands lined with rows of cells wind through"
+        " pale blue connective tissue.",
+        "A microscope image of brown and blue stained tissue.",
+    ),
+    "galaxies": (
+        _skimage("hubble_deep_field"), "RGB",
+        "A deep-field image of space crowded with distant galaxies, small spirals and glowing points of "
+        "white, orange and blue scattered across a black background.",
+        "Hundreds of colourful galaxies scattered across black space.",
+    ),
+    "retina": (
+        _skimage("retina"), "RGB",
+        "A photograph of the back of a human eye: an orange-red retina with dark branching blood vessels "
+        "spreading from the bright optic disc, inside a black circular border.",
+        "An orange retina with branching red blood vessels.",
+    ),
+    "cameraman": (
+        _skimage("camera"), "L",
+        "A black-and-white photograph of a man in a dark coat looking through a film camera on a tripod, "
+        "standing on a lawn with buildings in the distance.",
+        "A black-and-white photo of a man filming with a tripod camera.",
+    ),
+    "pagoda": (
+        _sklearn("china.jpg"), "RGB",
+        "An ornate Chinese pagoda with green-tiled roofs and red pillars rises among trees above a wide "
+        "lake under a pale blue sky.",
+        "A Chinese pagoda above a lake on a clear day.",
+    ),
+    "dahlia": (
+        _sklearn("flower.jpg"), "RGB",
+        "An orange dahlia in full bloom with tightly layered petals, in sharp focus against a dark green "
+        "blurred background.",
+        "An orange dahlia against a dark green background.",
+    ),
+}
+
+DEMO_CAPTIONS: dict[str, tuple[str, str]] = {
+    name: (long, short) for name, (_, _, long, short) in _PHOTOS.items()
+}
+"""Photo name -> (recaption, recaption_short) of the demo dataset."""
+DEMO_PROMPTS: tuple[str, ...] = tuple(short for _, short in DEMO_CAPTIONS.values())
+"""The short captions, e.g. as sample prompts of a run trained on the demo."""
+
+# (width : height, crops) per photo; each crop is also stored mirrored left-right (no caption says left
+# or right). At 64 px and multiple 8 these become the buckets 64x64, 64x48, 48x64, 64x40 and 40x64.
+_ASPECTS = ((1, 1, 3), (4, 3, 2), (3, 4, 2), (8, 5, 1), (5, 8, 1))
+_SHARDS = 4
+
+
+def demo_rows(seed: int = 0) -> list[dict]:
+    """The raw rows (seed schema without bucket_size): crops of every photo, encoded."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, (load, mode, long, short) in _PHOTOS.items():
+        photo = Image.fromarray(load()).convert("RGB")
+        W, H = photo.size
+        for aw, ah, n in _ASPECTS:
+            for c in range(n):
+                scale = (1.0, 0.85, 0.7)[c]              # the largest crop of that aspect, then smaller
+                cw = int(min(W, H * aw / ah) * scale)
+                ch = int(cw * ah / aw)
+                left = int(rng.integers(0, W - cw + 1))
+                top = int(rng.integers(0, H - ch + 1))
+                crop = photo.crop((left, top, left + cw, top + ch))
+                for flip in (False, True):
+                    img = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+                    rows.append({
+                        "image": _encode(img, mode), "recaption": long, "recaption_short": short,
+                        "height": ch, "width": cw, "aspect_ratio": cw / ch, "class": name,
+                        "id": f"{name}-{aw}x{ah}-{c}{'-flip' if flip else ''}",
+                    })
+    order = rng.permutation(len(rows))                               # mix photos across shards
+    return [rows[i] for i in order]
+
+
+def _encode(img: Image.Image, mode: str) -> bytes:
+    buf = io.BytesIO()
+    if mode == "L":
+        img.convert("L").save(buf, "PNG")
+    elif mode == "RGBA":
+        img.convert("RGBA").save(buf, "PNG")
+    else:
+        img.convert(mode).save(buf, "JPEG", quality=92)               # RGB or CMYK
+    return buf.getvalue()
+
+
+def write_demo_raw(out_dir: str | Path) -> Path:
+    """Write the raw shards (`demo-XX.parquet`) into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = demo_rows()
+    schema = pa.schema([("image", pa.binary()), ("recaption", pa.string()), ("recaption_short", pa.string()),
+                        ("height", pa.int64()), ("width", pa.int64()), ("aspect_ratio", pa.float64()),
+                        ("class", pa.string()), ("id", pa.string())])
+    for s in range(_SHARDS):
+        part = rows[s::_SHARDS]
+        table = pa.Table.from_pylist(part, schema=schema)
+        codecs = {n: "none" if n == "image" else "snappy" for n in schema.names}
+        pq.write_table(table, out_dir / f"demo-{s:02d}.parquet", compression=codecs)
+    return out_dir
+
+
+def ensure_demo_dataset(dataset_dir: str | Path = "data/demo/64", max_res: int = 64,
+                        multiple: int = 8) -> Path:
+    """Build the demo dataset at dataset_dir (raw shards beside it in `<parent>/raw`) unless it is
+    already there. Returns dataset_dir."""
+    out = Path(dataset_dir)
+    if default_index_path(out).is_file():
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists but has no bucket index: index it with python src/create_indices.py "
+                        f"--data {out}, or remove the folder to rebuild the demo")
+    raw = out.parent / "raw"
+    if not raw.is_dir():
+        _build_then_rename(raw, write_demo_raw)
+
+    def build(tmp: Path) -> None:
+        report = create_phase(raw, tmp, max_res=max_res, multiple=multiple, workers=1, progress=False)
+        if report.failed:
+            raise DataError(f"demo dataset: create_phase failed:\n{report}")
+        build_index(tmp, progress=False)
+
+    _build_then_rename(out, build)
+    return out
+
+
+def _build_then_rename(target: Path, build: Callable[[Path], object]) -> None:
+    """Build into a private temporary folder beside target, then rename it into place. If another
+    process got there first, keep theirs."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            if target.is_dir() and not any(target.iterdir()):
+                target.rmdir()                                        # an empty folder is not a dataset
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():                                   # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
