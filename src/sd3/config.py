@@ -366,9 +366,10 @@ def _tiny() -> Config:
         precision="fp32", activation_checkpointing=False, weight_decay=0.0,
     )
     cfg.ranks = RankConfig(loaders_per_node=1, models_per_loader=2, timeout_s=120)
+    from sd3.data.demo import DEMO_PROMPTS  # the demo photos' short captions: samples to compare with them
+
     cfg.log = LogConfig(every=25, save_every=200, keep_last=2, sample_every=0, val_every=0,
-                        sample_steps=20, sample_cfg=3.0, wandb=False)
-    cfg.log.sample_prompts = ()  # filled from the demo captions at run time
+                        sample_prompts=DEMO_PROMPTS, sample_steps=20, sample_cfg=3.0, wandb=False)
     cfg.run_dir = "runs/tiny"
     return cfg
 

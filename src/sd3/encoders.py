@@ -171,12 +171,16 @@ def _load_weights(key: str, source: str, cls, dtype: torch.dtype, **kwargs) -> t
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # one bar per encoder per rank clutters the training log
     try:
         model, info = _load(key, source,
                             lambda s: cls.from_pretrained(s, dtype=dtype, output_loading_info=True, **kwargs))
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
     _check_missing(key, source, type(model).__name__, info["missing_keys"])
     return model
 

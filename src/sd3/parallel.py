@@ -44,7 +44,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup 
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=group,
-        broadcast_buffers=False,        # the model has no buffers that change
         gradient_as_bucket_view=True,   # gradients live in the all-reduce buckets: one copy fewer
         static_graph=True,              # same graph every step (lets DDP skip per-step graph analysis)
     )
