@@ -6,6 +6,7 @@ from sd3.config import FlowConfig
 from sd3.flow import (
     Cond,
     drop_conditions,
+    dropout_keep,
     flow_loss,
     interpolate,
     sample_t,
@@ -63,7 +64,10 @@ def test_caption_dropout_rates_and_nulls():
     B = 100_000
     cfg = FlowConfig(p_drop_text=(0.316, 0.316), p_drop_pooled=0.1, p_drop_all=0.1)
     cond = make_cond(B=B)
-    out = drop_conditions(cond, cfg, generator=torch.Generator().manual_seed(1))
+    keep = dropout_keep(cfg, seed=0, step=3, rank=1, batch_size=B)
+    assert torch.equal(keep, dropout_keep(cfg, seed=0, step=3, rank=1, batch_size=B))  # pure function
+    assert not torch.equal(keep, dropout_keep(cfg, seed=0, step=3, rank=0, batch_size=B))
+    out = drop_conditions(cond, keep)
     text_off = [~m.any(dim=1) for m in out.text_mask]
     pooled_off = (out.pooled == 0).all(dim=1)
     for off in text_off:  # 0.1 + 0.9 * 0.316
@@ -89,8 +93,9 @@ def test_flow_loss(small_model_cfg):
     model = MMDiT(small_model_cfg)
     cond = make_cond(B=3, lengths=(5, 2), dims=small_model_cfg.text_dims, P=small_model_cfg.pooled_dim)
     x0 = torch.randn(3, 4, 8, 8).to(torch.bfloat16)
+    keep = dropout_keep(FlowConfig(), seed=0, step=7, rank=0, batch_size=3)
     run = lambda: flow_loss(model, x0=x0, cond=cond, cfg=FlowConfig(), patch_size=2,  # noqa: E731
-                            generator=step_generator(0, 7, 0))
+                            generator=step_generator(0, 7, 0), keep=keep)
     a, b = run(), run()
     assert a.per_sample.shape == (3,) and a.t.shape == (3,)
     assert torch.equal(a.loss, b.loss) and torch.equal(a.t, b.t)
@@ -98,8 +103,7 @@ def test_flow_loss(small_model_cfg):
     assert 1.5 < a.loss.item() < 2.5
     assert a.loss.dtype == torch.float32
     t, x1 = torch.full((3,), 0.5), torch.randn(3, 4, 8, 8)
-    fixed = flow_loss(model, x0=x0, cond=cond, cfg=FlowConfig(), patch_size=2, generator=None, train=False,
-                      t=t, x1=x1)
+    fixed = flow_loss(model, x0=x0, cond=cond, cfg=FlowConfig(), patch_size=2, generator=None, t=t, x1=x1)
     torch.testing.assert_close(fixed.per_sample, (x1 - x0.float()).square().mean(dim=(1, 2, 3)))
 
 

@@ -144,3 +144,22 @@ def test_error_message_is_carried_verbatim():
     tensors = pack_error("ValueError: bad path 'x/y'", torch.device("cpu"))
     meta = read_header(tensors[0], 0)
     assert bytes(tensors[1].tolist()).decode() == "ValueError: bad path 'x/y'" and meta["msg_len"] == 26
+
+
+def test_dropped_streams_are_not_sent_and_training_sees_the_same_thing():
+    from sd3.config import FlowConfig
+    from sd3.flow import Cond, drop_conditions, dropout_keep
+    from sd3.loader import without_dropped
+
+    batch = make_batch(B=4)
+    cfg = FlowConfig(p_drop_text=(0.5, 0.5), p_drop_pooled=0.5, p_drop_all=0.2)
+    keep = next(k for s in range(100)
+                if not (k := dropout_keep(cfg, seed=0, step=s, rank=1, batch_size=4))[:, :2].all())
+    sent = round_trip(without_dropped(batch, keep))
+    as_trained = lambda b: drop_conditions(Cond(b.text, b.text_mask, b.pooled), keep)  # noqa: E731
+    ours, reference = as_trained(sent), as_trained(batch)
+    for a, b in zip((*ours.text, *ours.text_mask, ours.pooled), (*reference.text, *reference.text_mask,
+                                                                  reference.pooled)):
+        L = a.shape[1] if a.dim() > 1 else None
+        assert torch.equal(a, b[:, :L] if L is not None else b)
+    assert wire_bytes(pack(without_dropped(batch, keep))) < wire_bytes(pack(batch))

@@ -18,10 +18,15 @@ from torch import Tensor
 from sd3.config import FlowConfig
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator that depends only on (seed, step, rank): stateless randomness, resumable by step."""
-    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0])
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu", *,
+                   salt: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, rank, salt): stateless randomness, resumable by step."""
+    words = [seed, step, rank] + ([salt] if salt else [])
+    mixed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator(device=device).manual_seed(mixed & ((1 << 63) - 1))
+
+
+DROPOUT_SALT = 0xD409  # caption dropout draws from its own stream (the loader reproduces it, see below)
 
 
 def shift_t(t: Tensor, alpha: float) -> Tensor:
@@ -60,16 +65,24 @@ class Cond:
     pooled: Tensor
 
 
-def drop_conditions(cond: Cond, cfg: FlowConfig, *, generator: torch.Generator) -> Cond:
-    """Null each text stream and the pooled vector per sample with their own probabilities, and all
-    of them together with `p_drop_all` so the unconditional branch CFG uses is really trained
-    (the seed's independent drops reached it in only ~1% of samples)."""
-    B, device = cond.pooled.shape[0], cond.pooled.device
+def dropout_keep(cfg: FlowConfig, *, seed: int, step: int, rank: int, batch_size: int) -> Tensor:
+    """(B, n_text + 1) bool on the CPU: which text streams (then the pooled vector) each sample keeps.
+
+    Each stream and the pooled vector are nulled with their own probabilities, and all of them
+    together with `p_drop_all`, so the unconditional branch CFG uses is really trained (the seed's
+    independent drops reached it in only ~1% of samples). A pure function of (seed, step, rank): the
+    loader computes the same decision and does not send the token states of dropped streams."""
+    g = step_generator(seed, step, rank, salt=DROPOUT_SALT)
+    n = len(cfg.p_drop_text)
+    u = torch.rand(batch_size, n + 2, generator=g)                      # streams, pooled, all
+    probs = torch.tensor([*cfg.p_drop_text, cfg.p_drop_pooled])
+    return (u[:, : n + 1] >= probs) & (u[:, -1:] >= cfg.p_drop_all)
+
+
+def drop_conditions(cond: Cond, keep: Tensor) -> Cond:
+    """Null what `keep` (B, n_text + 1) says to drop: zeros with the mask off."""
+    keep = keep.to(cond.pooled.device)
     n = len(cond.text)
-    u = torch.rand(B, n + 2, generator=generator, device=device)          # streams, pooled, all
-    drop_all = u[:, -1] < cfg.p_drop_all                                  # (B,)
-    probs = torch.tensor([*cfg.p_drop_text, cfg.p_drop_pooled], device=device)
-    keep = (u[:, : n + 1] >= probs) & ~drop_all[:, None]                 # (B, n + 1)
     text = tuple(x * keep[:, i, None, None].to(x.dtype) for i, x in enumerate(cond.text))
     mask = tuple(m & keep[:, i, None] for i, m in enumerate(cond.text_mask))
     pooled = cond.pooled * keep[:, n, None].to(cond.pooled.dtype)
@@ -86,11 +99,12 @@ class FlowLoss:
     """(B,) the times drawn."""
 
 
-def flow_loss(model, *, x0: Tensor, cond: Cond, cfg: FlowConfig, patch_size: int, generator: torch.Generator,
-              train: bool = True, t: Tensor | None = None, x1: Tensor | None = None) -> FlowLoss:
+def flow_loss(model, *, x0: Tensor, cond: Cond, cfg: FlowConfig, patch_size: int, generator: torch.Generator | None,
+              keep: Tensor | None = None, t: Tensor | None = None, x1: Tensor | None = None) -> FlowLoss:
     """The rectified-flow loss of one batch (minRF-style: draw t and noise, interpolate, regress v).
 
-    `t` and `x1` may be given (validation at fixed t with fixed noise); `train` applies caption dropout."""
+    `keep` applies caption dropout (`dropout_keep`); `t` and `x1` may be given (validation at fixed t
+    with fixed noise)."""
     B, device = x0.shape[0], x0.device
     x0 = x0.float()
     img_tokens = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
@@ -98,8 +112,8 @@ def flow_loss(model, *, x0: Tensor, cond: Cond, cfg: FlowConfig, patch_size: int
         t = sample_t(B, cfg, img_tokens=img_tokens, generator=generator, device=device)
     if x1 is None:
         x1 = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)  # noise in fp32
-    if train:
-        cond = drop_conditions(cond, cfg, generator=generator)
+    if keep is not None:
+        cond = drop_conditions(cond, keep)
     xt = interpolate(x0, x1, t)
     v_target = x1 - x0
     v_pred = model(xt=xt, t=t, text=tuple(x.float() for x in cond.text), text_mask=cond.text_mask,

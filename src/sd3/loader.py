@@ -16,6 +16,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from sd3.batch import Batch
 from sd3.config import Config
 from sd3.encoders import check_widths, load_autoencoder, load_text_encoders
-from sd3.flow import step_generator
+from sd3.flow import dropout_keep, step_generator
 from sd3.metrics import log_rank
 from sd3.runtime import Runtime
 from sd3.transport import PROMPTS, VALIDATION, Sender, pack, pack_end, pack_error
@@ -146,8 +147,10 @@ def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> N
             if all(work.is_completed() for work in stop_works):
                 break
             batch, stats = producer.next()
-            for piece, dst in zip(batch.split(len(feeds)), feeds):
-                sender.send(pack(piece, encode_s=stats["encode_s"], corrupt=stats["corrupt"]), dst)
+            for piece, dst, index in zip(batch.split(len(feeds)), feeds, indices):
+                keep = dropout_keep(cfg.flow, seed=cfg.train.seed, step=piece.step, rank=index, batch_size=piece.size)
+                sender.send(pack(without_dropped(piece, keep), encode_s=stats["encode_s"], corrupt=stats["corrupt"]),
+                            dst)
         for work in stop_works:  # every model rank says when it is done (last step, or a signal)
             work.wait(timeout)
         sender.flush()
@@ -162,6 +165,14 @@ def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> N
     finally:
         if producer is not None:
             producer.close()
+
+
+def without_dropped(batch: Batch, keep: torch.Tensor) -> Batch:
+    """Unmask the text streams that this model rank's caption dropout will null anyway, so their token
+    states are not sent (at the seed's probabilities, 38% of the text bytes). The model rank draws the
+    same `dropout_keep` decision and nulls them itself: what it trains on does not change."""
+    keep = keep.to(batch.latents.device)
+    return replace(batch, text_mask=tuple(m & keep[:, i, None] for i, m in enumerate(batch.text_mask)))
 
 
 def _end_marker(cfg: Config, device: torch.device) -> Batch:

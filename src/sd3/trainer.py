@@ -25,7 +25,7 @@ from sd3.batch import Batch
 from sd3.checkpoint import CheckpointWriter, load_train_state, load_weights
 from sd3.config import Config, FlowConfig, to_dict
 from sd3.ema import EMA
-from sd3.flow import Cond, flow_loss, shift_for, shift_t, step_generator
+from sd3.flow import Cond, dropout_keep, flow_loss, shift_for, shift_t, step_generator
 from sd3.inference import generate_latents, make_grid, to_pil
 from sd3.metrics import Logger, TimeBins, format_line, mfu, print0
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
@@ -79,10 +79,11 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
         last = i == n - 1
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         generator = step_generator(cfg.train.seed, batch.step, rank_index, device)
+        keep = dropout_keep(cfg.flow, seed=cfg.train.seed, step=batch.step, rank=rank_index, batch_size=batch.size)
         with sync:
             with autocast_for(cfg, device):
                 out = flow_loss(model, x0=batch.latents, cond=cond_of(batch), cfg=cfg.flow,
-                                patch_size=cfg.model.patch_size, generator=generator)
+                                patch_size=cfg.model.patch_size, generator=generator, keep=keep)
             (out.loss / n).backward()
         losses.append(out.loss.detach())
         per_sample.append(out.per_sample)
@@ -170,8 +171,7 @@ def validation_loss(model: MMDiT, batches: list[Batch], cfg: Config, device: tor
         for t in ts:
             with autocast_for(cfg, device):
                 out = flow_loss(model, x0=batch.latents, cond=cond_of(batch), cfg=cfg.flow, patch_size=p,
-                                generator=None, train=False, t=torch.full((batch.size,), float(t), device=device),
-                                x1=x1)
+                                generator=None, t=torch.full((batch.size,), float(t), device=device), x1=x1)
             losses.append(out.per_sample.sum())
         per_q = torch.stack(losses) if per_q is None else per_q + torch.stack(losses)
         count += batch.size

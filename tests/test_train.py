@@ -1,0 +1,140 @@
+"""Single-process training end to end: the run, exact resume, init_from, infer.py and the notebook."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sd3.checkpoint import list_checkpoints, load_train_state
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+import train  # noqa: E402  (src/train.py)
+
+
+def losses_of(output: str) -> list[float]:
+    return [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([0-9.]+)", output, flags=re.M)]
+
+
+def weights(path: Path, name: str) -> dict:
+    return load_file(path / name)
+
+
+def test_train_saves_checkpoints_and_a_sample_grid(tiny_args, tmp_path, capsys):
+    assert train.main(tiny_args(None, "--steps", "4", "--log.save_every=2", "--log.keep_last=5")) == 0
+    out = capsys.readouterr().out
+    assert len(losses_of(out)) == 4
+    run = tmp_path / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    grid = Image.open(run / "samples" / "step_00000004.png")
+    assert grid.width > 64 and grid.height > 64          # ten 64x64 samples tiled
+    assert "sample with: python infer.py --ckpt" in out
+    assert "img/s" in out and "data wait" in out
+
+
+def test_resume_continues_the_same_run_exactly(tiny_args, tmp_path, capsys):
+    """6 straight steps == 3 steps, a resume, 3 more: same losses, same weights, same EMA, same optimizer."""
+    common = ["--steps", "6", "--train.accumulation_steps=2", "--train.ema_every=1", "--train.ema_decay=0.5"]
+    assert train.main(tiny_args(tmp_path / "straight", *common)) == 0
+    straight = losses_of(capsys.readouterr().out)
+    assert train.main(tiny_args(tmp_path / "split", *common[2:], "--steps", "3")) == 0
+    first = losses_of(capsys.readouterr().out)
+    assert train.main(tiny_args(tmp_path / "split", *common, "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "step 3" in out
+    assert first + losses_of(out) == straight
+    a = list_checkpoints(tmp_path / "straight")[-1][1]
+    b = list_checkpoints(tmp_path / "split")[-1][1]
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    sa, sb = load_train_state(a), load_train_state(b)
+    assert sa["step"] == sb["step"] == 6
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
+def test_init_from_loads_weights_only(tiny_args, tmp_path, capsys):
+    assert train.main(tiny_args(tmp_path / "stage1", "--steps", "2")) == 0
+    stage1 = list_checkpoints(tmp_path / "stage1")[-1][1]
+    capsys.readouterr()
+    assert train.main(tiny_args(tmp_path / "stage2", "--steps", "1", "--init_from", str(stage1),
+                                "--train.lr=1e-12", "--train.ema_every=1000")) == 0
+    stage2 = list_checkpoints(tmp_path / "stage2")[-1][1]
+    assert load_train_state(stage2)["step"] == 1            # a new run: its own step count and optimizer
+    e1, e2 = weights(stage1, "ema.safetensors"), weights(stage2, "ema.safetensors")
+    assert all(torch.equal(e1[k], e2[k]) for k in e1)       # the EMA continues from stage 1's
+    w1, w2 = weights(stage1, "model.safetensors"), weights(stage2, "model.safetensors")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)   # one step at lr 1e-12 from stage 1
+    assert not torch.equal(w1["final.linear.weight"], torch.zeros_like(w1["final.linear.weight"]))
+
+
+def test_resume_and_init_from_are_exclusive(tiny_args, tmp_path):
+    from sd3.config import ConfigError
+
+    with pytest.raises(ConfigError, match="give one"):
+        train.main(tiny_args(None, "--resume", "auto", "--init_from", str(tmp_path)))
+
+
+def test_dry_run_prints_config_and_parameter_count(capsys):
+    assert train.main(["--preset", "sd3_256", "--train.lr=3e-4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "parameters: 1221781763"
+    assert '"lr": 0.0003' in out
+
+
+def test_bad_override_fails_before_work():
+    run = subprocess.run([sys.executable, "src/train.py", "--preset", "sd3_256", "--model.widht=64", "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "unknown config key --model.widht; did you mean --model.width" in run.stderr
+
+
+@pytest.fixture
+def trained(tiny_args, tmp_path, capsys):
+    assert train.main(tiny_args(None, "--steps", "2")) == 0
+    capsys.readouterr()
+    return list_checkpoints(tmp_path / "run")[-1][1]
+
+
+def test_infer_writes_pngs_grid_and_gif_at_the_asked_size(trained, tmp_path):
+    out = tmp_path / "samples"
+    run = subprocess.run([sys.executable, "infer.py", "--ckpt", str(trained.parent.parent), "--prompt", "a cat",
+                          "--prompt", "a rocket", "--batch", "2", "--width", "64", "--height", "48", "--steps", "3",
+                          "--sampler", "heun", "--cfg", "4", "--gif", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    pngs = sorted(p.name for p in out.glob("0*.png"))
+    assert pngs == ["000_a_cat.png", "001_a_cat.png", "002_a_rocket.png", "003_a_rocket.png"]
+    assert Image.open(out / pngs[0]).size == (64, 48)          # width x height as given
+    assert Image.open(out / "denoise.gif").n_frames >= 3
+    assert (out / "grid.png").exists()
+
+
+def test_infer_rejects_a_size_the_model_cannot_take(trained, tmp_path):
+    run = subprocess.run([sys.executable, "infer.py", "--ckpt", str(trained), "--prompt", "x", "--width", "60",
+                          "--out", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert "width=60 is not a positive multiple of 8" in run.stderr
+
+
+def test_notebook_runs_headless(trained):
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "infer_loop.ipynb", as_version=4)
+    os.environ["SD3_CKPT"] = str(trained)
+    try:
+        NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        os.environ.pop("SD3_CKPT")
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs)       # the grid was displayed
+    assert any("(64, 48)" in str(o.get("data", {}).get("text/plain", "")) for o in outputs)
