@@ -14,6 +14,7 @@ import torch
 
 from sd3.config import DataConfig
 from sd3.data import BucketDataset, RawBatch
+from sd3.data.images import to_model_range
 from sd3.data.index import build_index, default_index_path, list_shards, open_index
 from sd3.data.reader import ShardReader
 from sd3.data.schema import DataError
@@ -49,6 +50,8 @@ def test_model_rank_slices_concatenate_and_are_deterministic():
     assert torch.equal(both.images, torch.cat([r0.images, r1.images]))
     assert both.captions == r0.captions + r1.captions
     assert np.array_equal(both.rows, np.concatenate([r0.rows, r1.rows]))
+    raw8 = ds.load(3, model_ranks=[0, 1], dtype=torch.uint8)
+    assert raw8.images.dtype == torch.uint8 and torch.equal(to_model_range(raw8.images), both.images)
     swapped = ds.load(3, model_ranks=[1, 0])
     assert swapped.captions == r1.captions + r0.captions
     again = open_demo().load(3, model_ranks=[0, 1])              # a fresh process would get the same
@@ -206,6 +209,9 @@ def test_reader_reads_only_requested_rows_in_request_order():
     assert got.columns["id"] == [ids[r] for r in rows]
     assert got.columns["image"] == [images[r] for r in rows]
     assert set(got.columns) == {"id", "image"}
+    few_handles = ShardReader(root, index, max_open_per_thread=1)   # evicts open files as it goes
+    for _ in range(2):
+        assert few_handles.read(rows, ["id"]).columns["id"] == got.columns["id"]
 
 
 # -- held-out rows ----------------------------------------------------------------------------------------
