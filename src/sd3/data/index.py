@@ -97,7 +97,7 @@ def scan_shard(data_dir: Path, name: str) -> ShardBuckets:
     """Bucket labels of one shard from its footer statistics, reading the column only where needed."""
     path = data_dir / name
     try:
-        pf = pq.ParquetFile(path, read_dictionary=[BUCKET_COLUMN])
+        pf = pq.ParquetFile(path)
         md = pf.metadata
         check_schema(pf.schema_arrow, TRAIN_COLUMNS, where=str(path),
                      fix="make shards with data/create_phase.py, or add the missing columns")
@@ -116,6 +116,8 @@ def scan_shard(data_dir: Path, name: str) -> ShardBuckets:
                 to_read.append((g, start, n))
             start += n
         if to_read:
+            # dictionary-encoded read: a few distinct strings, never one Python string per row
+            pf = pq.ParquetFile(path, metadata=md, read_dictionary=[BUCKET_COLUMN])
             table = pf.read_row_groups([g for g, _, _ in to_read], columns=[BUCKET_COLUMN], use_threads=False)
             values = np.concatenate([_chunk_codes(chunk, labels) for chunk in table.column(0).chunks]
                                     or [np.empty(0, np.int32)])

@@ -173,10 +173,13 @@ def _resize_batch(table: pa.Table, schema: pa.Schema, opts: PhaseOptions, report
         widths.append(W)
         heights.append(H)
     table = table.take(pa.array(kept, pa.int64()))
+    buckets = [format_bucket(w, h) for w, h in zip(widths, heights)]
+    report.rows_out += len(kept)
+    report.buckets.update(buckets)
     new = {"image": pa.array(images, pa.binary()), "width": pa.array(widths, pa.int64()),
            "height": pa.array(heights, pa.int64()),
            "aspect_ratio": pa.array([w / h for w, h in zip(widths, heights)], pa.float64()),
-           "bucket_size": pa.array([format_bucket(w, h) for w, h in zip(widths, heights)], pa.string())}
+           "bucket_size": pa.array(buckets, pa.string())}
     columns = [new[f.name] if f.name in new else table.column(f.name) for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
 
