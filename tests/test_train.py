@@ -37,6 +37,16 @@ def test_train_saves_checkpoints_and_a_sample_grid(tiny_args, tmp_path, capsys):
     assert "img/s" in out and "data wait" in out
 
 
+def test_validation_loss_and_sample_grids_during_training(tiny_args, tmp_path, capsys):
+    args = tiny_args(None, "--steps", "4", "--data.val_rows=6", "--log.val_every=2", "--log.sample_every=2")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    val = [float(v) for v in re.findall(r"step \d+: validation loss ([0-9.]+)", out)]
+    assert len(val) == 2 and all(0 < v < 10 for v in val)
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step_00000002.png",
+                                                                             "step_00000004.png"]
+
+
 def test_resume_continues_the_same_run_exactly(tiny_args, tmp_path, capsys):
     """6 straight steps == 3 steps, a resume, 3 more: same losses, same weights, same EMA, same optimizer."""
     common = ["--steps", "6", "--train.accumulation_steps=2", "--train.ema_every=1", "--train.ema_decay=0.5"]

@@ -359,17 +359,18 @@ def _tiny() -> Config:
         pooled="data/tiny_encoders/clip", max_tokens=77, create_tiny=True,
     )
     cfg.data = DataConfig(
-        dataset="data/demo/64", batch_size=8, decode_workers=2, prefetch=2, create_demo=True, val_rows=0,
+        dataset="data/demo/64", batch_size=8, decode_workers=2, prefetch=2, create_demo=True, val_rows=16,
+        short_caption_prob=1.0, small_buckets="fill",
     )
     cfg.train = TrainConfig(
-        steps=600, lr=1e-3, warmup=50, accumulation_steps=1, ema_decay=0.9, ema_every=1,
+        steps=500, lr=2e-3, schedule="cosine", warmup=50, accumulation_steps=1, ema_decay=0.99, ema_every=1,
         precision="fp32", activation_checkpointing=False, weight_decay=0.0,
     )
     cfg.ranks = RankConfig(loaders_per_node=1, models_per_loader=2, timeout_s=120)
     from sd3.data.demo import DEMO_PROMPTS  # the demo photos' short captions: samples to compare with them
 
-    cfg.log = LogConfig(every=25, save_every=200, keep_last=2, sample_every=0, val_every=0,
-                        sample_prompts=DEMO_PROMPTS, sample_steps=20, sample_cfg=3.0, wandb=False)
+    cfg.log = LogConfig(every=25, save_every=250, keep_last=2, sample_every=250, val_every=100,
+                        sample_prompts=DEMO_PROMPTS, sample_steps=30, sample_cfg=5.0, wandb=False)
     cfg.run_dir = "runs/tiny"
     return cfg
 
