@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from sd3.inference import Pipeline, make_grid, save_gif  # noqa: E402
-from sd3.sample import SAMPLERS  # noqa: E402
+from sd3.inference import Pipeline, make_grid, save_gif
+from sd3.sample import SAMPLERS
 
 
 def slug(text: str, limit: int = 60) -> str:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from sd3.checkpoint import resolve_resume  # noqa: E402
-from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict  # noqa: E402
-from sd3.metrics import log_rank, print0, set_main  # noqa: E402
-from sd3.runtime import StopSignal, init_runtime, rank_map_from_env  # noqa: E402
+from sd3.checkpoint import resolve_resume
+from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
+from sd3.metrics import log_rank, print0, set_main
+from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
 
 STEP_ROOT = "checkpoints"
 

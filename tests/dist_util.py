@@ -22,7 +22,7 @@ def _entry(fn, rank: int, world: int, port: int, results, args) -> None:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
         results.put((rank, "ok", fn(rank, world, *args)))
-    except BaseException as error:  # noqa: BLE001 - reported to the test
+    except BaseException as error:
         results.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     finally:
         if dist.is_initialized():

@@ -121,7 +121,7 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     broken = root / "step_00000040"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({}))
-    with pytest.raises(CheckpointError, match="incomplete: missing model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"incomplete: missing model\.safetensors"):
         resolve_resume(str(broken), tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)

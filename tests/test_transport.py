@@ -45,7 +45,8 @@ def round_trip(batch: Batch) -> Batch:
 
 def assert_same(a: Batch, b: Batch):
     assert a.step == b.step
-    for x, y in zip((a.latents, a.pooled, a.rows, *a.text, *a.text_mask), (b.latents, b.pooled, b.rows, *b.text, *b.text_mask)):
+    fields = lambda x: (x.latents, x.pooled, x.rows, *x.text, *x.text_mask)  # noqa: E731
+    for x, y in zip(fields(a), fields(b)):
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 

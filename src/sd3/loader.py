@@ -202,6 +202,6 @@ def _send_error(reason: str, feeds: list[int], device: torch.device, timeout_s: 
         for dst in feeds:
             sender.send(pack_error(reason, device), dst)
         sender.flush()
-    except Exception as error:  # noqa: BLE001 - the model ranks may already be gone
+    except Exception as error:
         log_rank(dist.get_rank(), "loader", f"could not tell model ranks {feeds} about the failure: {error}")
 

@@ -206,7 +206,7 @@ class Sender:
         for work in works:
             try:
                 work.wait(self.timeout)
-            except Exception as error:  # noqa: BLE001 - any backend error means the peer is gone
+            except Exception as error:
                 raise TransportError(f"sending to model rank {dst} failed or timed out after "
                                      f"{self.timeout.total_seconds():.0f} s: {error}") from error
 
@@ -222,7 +222,7 @@ def receive(src: int, *, group, device: torch.device, timeout: timedelta) -> Mes
         work = dist.irecv(tensor, src, group=group)
         try:
             work.wait(timeout)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise TransportError(
                 f"no message from loader rank {src} within {timeout.total_seconds():.0f} s ({error}); it may "
                 "have died, or still be loading encoders (raise --ranks.timeout_s)") from error
@@ -268,7 +268,7 @@ class Receiver:
         while True:
             try:
                 message = receive(self.src, group=self.group, device=self.device, timeout=self.timeout)
-            except BaseException as error:  # noqa: BLE001 - handed to the trainer thread
+            except BaseException as error:
                 self._queue.put(error)
                 return
             self._queue.put(message)

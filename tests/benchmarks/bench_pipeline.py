@@ -68,7 +68,7 @@ def measure_wait(args) -> tuple[float, float, float]:
     print(f"(a) {args.steps} steps, model width {args.width} x {args.depth} blocks, 1 loader -> 2 model ranks, "
           f"{wall:.0f} s wall")
     print(f"    data wait per {args.log_every}-step window: " + ", ".join(f"{100 * w:.1f}%" for w in waits))
-    print(f"    images/s per window: " + ", ".join(f"{s:.1f}" for s in speed))
+    print("    images/s per window: " + ", ".join(f"{s:.1f}" for s in speed))
     return waits[0], float(np.mean(waits[1:])), float(np.mean(speed[1:]))
 
 
@@ -132,7 +132,8 @@ def main() -> None:
           f"({skipped / seed:.1%})")
     if not args.skip_run:
         startup, steady, speed = measure_wait(args)
-        print(f"    first window (start-up) {100 * startup:.1f}%, steady state {100 * steady:.2f}% at {speed:.1f} img/s")
+        print(f"    first window (start-up) {100 * startup:.1f}%, "
+              f"steady state {100 * steady:.2f}% at {speed:.1f} img/s")
         print(f"model_wait_fraction: {steady:.4f}")
     print(f"wire_bytes_ratio_vs_seed: {skipped / seed:.3f}")
 
