@@ -127,7 +127,7 @@ def run_colocated(cfg, rt, stop, first, end, start, resume, init_from) -> dict:
     try:
         source = LocalBatches(producer, first, end)
         return run_trainer(cfg, rt, stop, source, start_step=start, resume=resume, init_from=init_from,
-                           ae=producer.ae)
+                           autoencoder=lambda: producer.ae)
     finally:
         producer.close()
 
@@ -140,11 +140,15 @@ def run_model_rank(cfg, rt, stop, start, resume, init_from) -> dict:
 
     loader = rt.ranks.loader_of(rt.rank)
     source = Receiver(loader, group=None, device=rt.device, depth=cfg.data.prefetch, timeout_s=cfg.ranks.timeout_s)
-    ae = None
-    if rt.is_logging:  # the first model rank decodes its sample grids
+
+    def autoencoder():
+        """Loaded at the first sample grid, after the loader's startup messages: by then its encoders
+        loaded (or it reported why not)."""
         ensure_stand_in_encoders(cfg)
-        ae = load_autoencoder(cfg.encoders, rt.device)
-    metrics = run_trainer(cfg, rt, stop, source, start_step=start, resume=resume, init_from=init_from, ae=ae)
+        return load_autoencoder(cfg.encoders, rt.device)
+
+    metrics = run_trainer(cfg, rt, stop, source, start_step=start, resume=resume, init_from=init_from,
+                          autoencoder=autoencoder)
     # Tell the loader this rank is done, then take whatever it already sent until its END.
     dist.send(torch.tensor([metrics["step"]]), loader, group=rt.ctrl_group)
     source.drain()

@@ -50,7 +50,7 @@ def weights(run_dir: Path, name="model.safetensors") -> dict:
 
 def test_loader_feeds_two_model_ranks_and_resume_is_the_same_run(tiny_args, tmp_path):
     """1 loader + 2 DDP model ranks. 4 straight steps == 2 steps, then --resume auto for 2 more."""
-    common = ["--train.accumulation_steps=2", "--train.ema_every=1"]
+    common = ["--train.accumulation_steps=2", "--train.ema_every=1", "--train.activation_checkpointing=true"]
     rc, out = run(tiny_args(tmp_path / "straight", "--steps", "4", *common))
     assert rc == 0, out[-3000:]
     assert "loader 0 -> model ranks 1, 2 (DDP ranks 0, 1)" in out
@@ -114,6 +114,7 @@ def test_a_signal_stops_every_rank_with_a_whole_checkpoint(tiny_args, tmp_path, 
 def test_a_loader_that_cannot_start_stops_its_model_ranks_with_its_message(tiny_args, tmp_path):
     start = time.time()
     rc, out = run(tiny_args(None, "--steps", "5", "--encoders.text=('nowhere/gemma', 'nowhere/bert')",
+                            "--encoders.create_tiny=false",
                             "--ranks.timeout_s=60"), timeout=120)
     assert rc != 0
     assert "loader rank 0 failed: ConfigError: encoders.text[0]='nowhere/gemma'" in out, out[-3000:]

@@ -430,7 +430,6 @@ def test_tiny_models_run_in_bf16_on_gpu(tiny_models):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (ROOT / "data" / "create_phase.py").exists(), reason="needs the data branch")
 def test_create_phase_and_create_indices_accept_the_output(tmp_path):
     src = tmp_path / "raw"
     write_shards(src, 2, 6, corrupt=frozenset({2}))

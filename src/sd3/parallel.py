@@ -45,7 +45,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup 
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=group,
         gradient_as_bucket_view=True,   # gradients live in the all-reduce buckets: one copy fewer
-        static_graph=True,              # same graph every step (lets DDP skip per-step graph analysis)
     )
 
 

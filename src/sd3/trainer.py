@@ -219,8 +219,10 @@ def build_model(cfg: Config, device: torch.device, *, resume: Path | None, init_
 
 
 def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_step: int,
-                resume: Path | None = None, init_from: Path | None = None, ae=None) -> dict:
-    """Train from `start_step` to `cfg.train.steps` (or a stop signal). Returns the final metrics."""
+                resume: Path | None = None, init_from: Path | None = None, autoencoder=None) -> dict:
+    """Train from `start_step` to `cfg.train.steps` (or a stop signal). Returns the final metrics.
+
+    `autoencoder()` gives the autoencoder that decodes sample grids (first model rank, on first use)."""
     device, total, run_dir = rt.device, cfg.train.steps, Path(cfg.run_dir)
     model, ema, optimizer, state = build_model(cfg, device, resume=resume, init_from=init_from)
     if resume is not None and state["step"] != start_step:
@@ -235,14 +237,14 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
     extras = source.startup((PROMPTS, VALIDATION)) if logging else {}
     prompts = extras.get(PROMPTS, [])
     val_batches = extras.get(VALIDATION, [])
-    ema_model = None
+    ema_model = ae = None
 
-    def ema_weights() -> MMDiT:
-        nonlocal ema_model
+    def grid(step: int) -> Path:
+        nonlocal ema_model, ae
         if ema_model is None:
-            ema_model = MMDiT(cfg.model).to(device).eval()
+            ema_model, ae = MMDiT(cfg.model).to(device).eval(), autoencoder()
         ema.copy_to(ema_model)
-        return ema_model
+        return sample_grid(ema_model, prompts[0], ae, cfg, run_dir / "samples" / f"step_{step:08d}.png")
 
     def save(step: int, blocking: bool = False) -> Path:
         train_state = {"step": step, "optimizer": optimizer.state_dict(), "wandb_id": logger.run_id or "",
@@ -309,7 +311,7 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
             logger.log(step, {k: v for k, v in metrics.items() if k.startswith("val/")})
             tqdm.write(f"step {step}: validation loss {metrics['val/loss']:.4f}")
         if logging and cfg.log.sample_every and prompts and step % cfg.log.sample_every == 0:
-            path = sample_grid(ema_weights(), prompts[0], ae, cfg, run_dir / "samples" / f"step_{step:08d}.png")
+            path = grid(step)
             logger.image(step, "samples", path, caption=" | ".join(cfg.log.sample_prompts))
         if logging and step % cfg.log.save_every == 0:
             last_saved = save(step)
@@ -328,8 +330,7 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
         if stopped_early:
             marker.write_text(f"stopped at step {step} of {total} on {stop.received or 'a peer signal'}\n")
         if not stopped_early and prompts:
-            metrics["sample_grid"] = str(sample_grid(ema_weights(), prompts[0], ae, cfg, run_dir / "samples" /
-                                                     f"step_{step:08d}.png"))
+            metrics["sample_grid"] = str(grid(step))
         metrics["checkpoint"] = str(last_saved)
         logger.finish()
     metrics["step"] = step
