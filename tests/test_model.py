@@ -91,15 +91,26 @@ def test_non_square_and_patchify_round_trip(small_model_cfg):
 
 
 def test_rope_interpolation_scales_positions():
-    cos1, sin1 = rope_frequencies(4, 4, 64, theta=1e4, scale=1.0, device="cpu")
-    cos2, sin2 = rope_frequencies(8, 8, 64, theta=1e4, scale=0.5, device="cpu")
+    rot1 = rope_frequencies(4, 4, 64, theta=1e4, scale=1.0, device="cpu")
+    rot2 = rope_frequencies(8, 8, 64, theta=1e4, scale=0.5, device="cpu")
     # Grid (2r, 2c) at half scale is at the same position as (r, c) unscaled.
     for r, c in [(0, 1), (1, 3), (3, 2)]:
-        torch.testing.assert_close(cos2[(2 * r) * 8 + 2 * c], cos1[r * 4 + c])
-        torch.testing.assert_close(sin2[(2 * r) * 8 + 2 * c], sin1[r * 4 + c])
+        torch.testing.assert_close(rot2[(2 * r) * 8 + 2 * c], rot1[r * 4 + c])
     # Rows rotate the first half of the channels, columns the second.
-    cos_r, _ = rope_frequencies(2, 2, 8, theta=1e4, scale=1.0, device="cpu")
-    assert torch.equal(cos_r[1, :2], torch.ones(2)) and not torch.equal(cos_r[1, 2:], torch.ones(2))
+    rot = rope_frequencies(2, 2, 8, theta=1e4, scale=1.0, device="cpu")
+    assert torch.equal(rot[1, :2], torch.ones(2, dtype=rot.dtype)) and not torch.equal(rot[1, 2:], torch.ones(2))
+    assert torch.allclose(rot.abs(), torch.ones(()))                      # pure rotations
+
+
+def test_apply_rope_rotates_pairs():
+    from sd3.model.rope import apply_rope
+
+    x = torch.randn(1, 1, 3, 4)
+    angles = torch.tensor([[0.3, -1.0], [2.0, 0.5], [0.0, 0.0]])
+    out = apply_rope(x, torch.polar(torch.ones(3, 2), angles))
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    torch.testing.assert_close(out[..., 0::2], x0 * angles.cos() - x1 * angles.sin())
+    torch.testing.assert_close(out[..., 1::2], x0 * angles.sin() + x1 * angles.cos())
 
 
 def test_rope_scale_reaches_the_model(small_model_cfg):
@@ -187,3 +198,22 @@ def test_cuda_backends_match_sdpa(small_model_cfg, backend):
         model.blocks.apply(lambda m: setattr(m, "attn_backend", backend) if hasattr(m, "attn_backend") else None)
         out = model(**x)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_joint_qk_norm_equals_one_rmsnorm_per_stream():
+    from sd3.model.mmdit import joint_rms_norm
+
+    a, b = torch.nn.RMSNorm(8, eps=1e-6), torch.nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        a.weight.normal_()
+        b.weight.normal_()
+    x, y = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 4, 8)
+    torch.testing.assert_close(joint_rms_norm([x, y], [a, b]), torch.cat([a(x), b(y)], dim=2))
+
+
+def test_text_tokens_are_not_rotated(small_model_cfg):
+    """Text keys are position-free: permuting the text tokens (with their mask) changes nothing."""
+    model, x = perturbed(small_model_cfg), inputs(small_model_cfg)
+    perm = torch.randperm(x["text"][0].shape[1])
+    shuffled = (x["text"][0][:, perm], x["text"][1])
+    torch.testing.assert_close(model(**{**x, "text": shuffled}), model(**x), rtol=1e-5, atol=1e-5)
