@@ -27,8 +27,6 @@ from sd3.config import ConfigError, apply_overrides, help_text, preset, set_valu
 from sd3.metrics import log_rank, print0, set_main
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
 
-STEP_ROOT = "checkpoints"
-
 
 def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(

@@ -148,3 +148,15 @@ def test_notebook_runs_headless(trained):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)       # the grid was displayed
     assert any("(64, 48)" in str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_continued_on_resume(tiny_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    assert train.main(tiny_args(run, "--steps", "2", "--log.wandb=true")) == 0
+    first = load_train_state(list_checkpoints(run)[-1][1])["wandb_id"]
+    assert first and list((run / "wandb").glob(f"offline-run-*-{first}"))
+    assert train.main(tiny_args(run, "--steps", "3", "--log.wandb=true", "--resume", "auto")) == 0
+    assert load_train_state(list_checkpoints(run)[-1][1])["wandb_id"] == first

@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import inspect
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -585,10 +584,3 @@ def help_text(cfg: Config | None = None) -> str:
         lines.append(f"  --{key}={getattr(owner, f.name)!r}\n      {doc}")
     return "\n".join(lines)
 
-
-def count_to_str(n: int) -> str:
-    """1234567 -> '1.23 M' (for logs)."""
-    if n < 1000:
-        return str(n)
-    exp = min(int(math.log10(n) // 3), 4)
-    return f"{n / 1000**exp:.2f} {' KMGT'[exp]}"

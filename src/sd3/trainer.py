@@ -294,6 +294,7 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
                 "data_wait": wait / (elapsed * n_model), "skipped_steps": skipped,
                 "loader_encode_ms": 1e3 * enc_s / max(n_batches, 1),
                 "wire_mb_per_step": nbytes / 1e6 / max(steps / n_model, 1),
+                "corrupt_rows": float(source.stats.get("corrupt", 0)),  # so far, by this rank's loader
                 **bins.summary(local[5 : 5 + 2 * bins.bins]),
             }
             if logging:
