@@ -5,8 +5,10 @@
 Both models: 4 blocks, width 256, 4 heads of 64, batch 4, 256 image tokens (32x32 latents, patch 2),
 154 text tokens, pooled 768; forward + backward + AdamW step in fp32 on the CPU. diffusers reads
 154 tokens of width 2304; ours reads its two streams at their native widths (77 Gemma tokens of 2304
-+ 77 ModernBERT tokens of 1024). Our blocks do more work (SwiGLU, no shortcuts in the last block's
-image path), so the fair figure is time per FLOP, FLOPs counted by FlopCounterMode for both.
++ 77 ModernBERT tokens of 1024). Our blocks do more work (SwiGLU's third matrix, QK-norm, two text
+streams), so the fair figure is time per FLOP, FLOPs counted by FlopCounterMode for both. Note that
+the elementwise work of SwiGLU (silu, the gating product, their gradients) and of QK-norm counts as
+time but not as FLOPs.
 Runs alternate between the two models and the medians are compared. Last line:
 `model_step_ratio_vs_diffusers: X` = (ours s/FLOP) / (theirs s/FLOP); below 1 is better.
 """
