@@ -36,16 +36,18 @@ def log_rank(rank: int, role: str, message: str) -> None:
 
 
 class TimeBins:
-    """Loss per t-bin (minRF; PRX logs the same): where along the path the model is still wrong."""
+    """Loss per t-bin (minRF; PRX logs the same): where along the path the model is still wrong.
 
-    def __init__(self, bins: int = 5):
+    Accumulates on the loss's device: no host sync until the log step reads it."""
+
+    def __init__(self, bins: int = 5, device: torch.device | str = "cpu"):
         self.bins = bins
-        self.sum = torch.zeros(bins, dtype=torch.float64)
-        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.sum = torch.zeros(bins, dtype=torch.float64, device=device)
+        self.count = torch.zeros(bins, dtype=torch.float64, device=device)
 
     def add(self, t: Tensor, loss: Tensor) -> None:
-        idx = (t.detach().float().cpu() * self.bins).long().clamp_(0, self.bins - 1)
-        self.sum.index_add_(0, idx, loss.detach().double().cpu())
+        idx = (t.detach() * self.bins).long().clamp_(0, self.bins - 1)
+        self.sum.index_add_(0, idx, loss.detach().double())
         self.count.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
 
     def state(self) -> Tensor:

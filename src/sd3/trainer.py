@@ -256,9 +256,11 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
            f"steps {start_step} -> {total}, {cfg.data.batch_size} x {n_model} x {cfg.train.accumulation_steps} "
            f"samples per optimizer step")
     vote = StopVote(rt.model_group, device)
-    bins = TimeBins()
+    bins = TimeBins(device=device)
     skipped = int(state.get("skipped", 0))
-    window = torch.zeros(5, dtype=torch.float64)  # loss sum, steps, samples, flops, wait seconds
+    # Accumulated between log steps; the loss stays on the device (no host sync per step).
+    window = torch.zeros(5, dtype=torch.float64)  # loss sum (filled at log time), steps, samples, flops, wait
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     last_log, last_wait, last_bytes, last_enc = time.perf_counter(), source.wait_s, source.bytes, source.encode_s
     last_batches = source.batches
     metrics: dict = {}
@@ -272,24 +274,25 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
         step += 1
         ema.update(step)
         skipped += not result.finite
-        window += torch.tensor([float(result.loss), 1, result.samples, result.flops, 0.0], dtype=torch.float64)
+        loss_sum += result.loss
+        window += torch.tensor([0.0, 1, result.samples, result.flops, 0.0], dtype=torch.float64)
         bins.add(result.t, result.per_sample)
 
         if step % cfg.log.every == 0 or step == total:
             now = time.perf_counter()
             window[4] = source.wait_s - last_wait
-            local = torch.cat([window, bins.state(),
-                               torch.tensor([source.bytes - last_bytes, source.encode_s - last_enc,
-                                             source.batches - last_batches], dtype=torch.float64)])
+            extra = torch.tensor([source.bytes - last_bytes, source.encode_s - last_enc,
+                                  source.batches - last_batches], dtype=torch.float64)
+            local = torch.cat([window.to(device), bins.state(), extra.to(device)])
+            local[0] = loss_sum
             if rt.model_group is not None:
-                local = local.to(device)
                 dist.all_reduce(local, group=rt.model_group)
-                local = local.cpu()
+            local = local.cpu()
             elapsed = now - last_log
-            loss_sum, steps, samples, flops, wait = local[:5].tolist()
+            total_loss, steps, samples, flops, wait = local[:5].tolist()
             nbytes, enc_s, n_batches = local[-3:].tolist()
             metrics = {
-                "loss": loss_sum / steps, "lr": result.lr, "grad_norm": float(result.grad_norm),
+                "loss": total_loss / steps, "lr": result.lr, "grad_norm": float(result.grad_norm),
                 "images_per_s": samples / elapsed, "mfu": mfu(flops / elapsed, cfg.log.peak_tflops, n_model),
                 "data_wait": wait / (elapsed * n_model), "skipped_steps": skipped,
                 "loader_encode_ms": 1e3 * enc_s / max(n_batches, 1),
@@ -302,6 +305,7 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
                 tqdm.write(format_line(step, total, metrics))
             window.zero_()
+            loss_sum.zero_()
             bins.reset()
             last_log, last_wait, last_bytes, last_enc = now, source.wait_s, source.bytes, source.encode_s
             last_batches = source.batches
