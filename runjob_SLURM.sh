@@ -16,6 +16,7 @@
 #   RDZV_PORT       rendezvous port on the head node (default 29504, the seed's)
 #   RDZV_HOST       rendezvous address (default: the head node's hostname; set an IP if names do not resolve)
 #   NPROC_PER_NODE  processes per node (default: SLURM_GPUS_ON_NODE, else 8 as in the header)
+#   MAX_REQUEUES    requeues this script may do for one submission (default 20; 0: never requeue)
 #   DRY_RUN=1       print the commands and the requeue rule, run nothing
 # Secrets come from the environment only, never from this file: export WANDB_API_KEY (or
 # WANDB_MODE=offline) and HF_TOKEN in your shell before sbatch.
@@ -30,12 +31,23 @@
 #      task starts it under `trap "" USR1`: an ignored signal stays ignored across exec, so torchrun
 #      ignores it, while the Python workers install their own SIGUSR1 handler, stop at the next step
 #      boundary, write a whole checkpoint and `<run_dir>/PREEMPTED`, and exit 0.
-#   4. When the step has ended, this shell requeues the job (`scontrol requeue`): the job keeps its id
-#      and name, appends to the same log, and `--resume=auto` (always passed) continues from the latest
-#      whole checkpoint. Requeue rule: SIGUSR1 arrived and the run did not finish (PREEMPTED exists or
-#      the step failed), or PREEMPTED exists although this shell got no SIGTERM (someone sent USR1
-#      to the step itself: `scancel --signal=USR1 <jobid>`). A plain SIGTERM (scancel, preemption)
-#      never requeues from here: a cancelled job stays cancelled, and preemption requeues are SLURM's.
+#   4. When the step has ended, this shell decides, and says which case it saw in one log line:
+#      - requeue (`scontrol requeue`: the job keeps its id and name, appends to the same log, and
+#        `--resume=auto`, always passed, continues from the latest whole checkpoint) ONLY when the step
+#        exited 0 AND `<run_dir>/PREEMPTED` exists (train.py writes it only when a model rank stopped on
+#        a signal and the whole stop completed cleanly) AND the stop was asked for by SIGUSR1: this
+#        shell's trap got the time-limit warning, or, with no signal to this shell, someone sent USR1
+#        to the step itself (`scancel --signal=USR1 <jobid>`). A marker that names SIGTERM is no USR1
+#        stop (torchrun SIGTERMs the surviving workers when one of them dies);
+#      - a SIGTERM to this shell (scancel, preemption) never requeues from here: a cancelled job stays
+#        cancelled, and SLURM requeues preemptions itself (--requeue);
+#      - any other non-zero exit of the step is a failure, also after the time-limit warning: no
+#        requeue, exit with the step's status, and print `<run_dir>/FAILED` (the run's own one-line
+#        reason) when train.py wrote one. A loader killed by the OOM killer fails the same way on every
+#        try, so requeueing it would loop forever;
+#      - at most MAX_REQUEUES requeues (SLURM_RESTART_COUNT counts them): at the limit, exit non-zero.
+#      The marker is removed once the step has ended, and both files before it starts, so neither
+#      fools a later job.
 # The workers see the forwarded signal when SLURM tracks a step's processes by cgroup or by process
 # tree (proctrack/cgroup, proctrack/linuxproc); with proctrack/pgid torchrun's workers, which it
 # starts in their own sessions, would not be reached.
@@ -130,7 +142,14 @@ PRESET=${PRESET:-sd3_256}
 RUN_DIR=${RUN_DIR:-runs/$JOB_NAME}
 EFFECTIVE_RUN_DIR=$(run_dir_of "$RUN_DIR" "$@")
 [[ -n $EFFECTIVE_RUN_DIR ]] || die "the run directory is empty: set RUN_DIR or --run_dir=DIR"
-MARKER=$EFFECTIVE_RUN_DIR/PREEMPTED
+MARKER=$EFFECTIVE_RUN_DIR/PREEMPTED   # train.py: a model rank stopped on a signal, and the stop completed cleanly
+FAILED=$EFFECTIVE_RUN_DIR/FAILED      # train.py, when it can name why a model rank failed: that reason, one line
+
+MAX_REQUEUES=${MAX_REQUEUES:-20}
+[[ $MAX_REQUEUES =~ ^[0-9]+$ ]] \
+  || die "MAX_REQUEUES='$MAX_REQUEUES' is not a whole number (requeues allowed per submission, default 20; 0: never)"
+RESTARTS=${SLURM_RESTART_COUNT:-0}   # SLURM counts this job's requeues; unset before the first one
+[[ $RESTARTS =~ ^[0-9]+$ ]] || die "SLURM_RESTART_COUNT='$RESTARTS' is not a whole number"
 
 # -- environment of every worker -------------------------------------------------------------------
 ENV_NAMES=()
@@ -171,8 +190,14 @@ if [[ $DRY_RUN != 0 ]]; then
   for name in "${ENV_NAMES[@]}"; do quote_cmd export "$name=${!name}"; done
   quote_cmd "${SRUN[@]}"
   echo "# on SIGUSR1 (the time-limit warning, sent to this shell only): $(quote_cmd "${FORWARD[@]}")"
-  echo "# when the step has ended: $(quote_cmd "${REQUEUE[@]}") if SIGUSR1 came and $MARKER exists or the"
-  echo "#   step failed, or if $MARKER exists and no SIGTERM came; $MARKER is then removed"
+  echo "# when the step has ended: $(quote_cmd "${REQUEUE[@]}") ONLY if the step exited 0, $MARKER exists"
+  echo "#   (not naming SIGTERM) and the stop was asked for by SIGUSR1: the time-limit warning to this shell, or"
+  echo "#   $(quote_cmd "${FORWARD[@]}") by hand while this shell got no signal;"
+  echo "#   and only while SLURM_RESTART_COUNT ($RESTARTS) < MAX_REQUEUES ($MAX_REQUEUES), else exit 1"
+  echo "# SIGTERM to this shell (scancel, preemption): never requeued from here, exit with the step's status"
+  echo "# any other non-zero exit of the step (also after SIGUSR1) is a failure: no requeue, exit with its status,"
+  echo "#   print $FAILED when present"
+  echo "# $MARKER and $FAILED are removed before the step starts; $MARKER again once it has ended"
   exit 0
 fi
 
@@ -184,13 +209,13 @@ fi
 
 GOT_USR1=0
 GOT_TERM=0
-# shellcheck disable=SC2329  # called by the trap below
+# shellcheck disable=SC2317,SC2329  # called by the trap below
 on_usr1() {
   GOT_USR1=1
   log "SIGUSR1: the time limit is near; telling every worker to checkpoint at the next step boundary and stop"
   "${FORWARD[@]}" || log "'${FORWARD[*]}' failed: the workers will only be stopped by SIGTERM at the time limit"
 }
-# shellcheck disable=SC2329  # called by the trap below
+# shellcheck disable=SC2317,SC2329  # called by the trap below
 on_term() {
   GOT_TERM=1
   # SLURM signals the step's processes itself and kills them KillWait seconds later; this shell only
@@ -200,11 +225,11 @@ on_term() {
 trap on_usr1 USR1
 trap on_term TERM
 
-log "job $SLURM_JOB_ID ($JOB_NAME), restart ${SLURM_RESTART_COUNT:-0}, $SLURM_NNODES node(s): ${HOSTS[*]}"
+log "job $SLURM_JOB_ID ($JOB_NAME), restart $RESTARTS (MAX_REQUEUES=$MAX_REQUEUES), $SLURM_NNODES node(s): ${HOSTS[*]}"
 log "rendezvous $RDZV_HOST:$RDZV_PORT, $NPROC_PER_NODE processes per node, run dir $EFFECTIVE_RUN_DIR"
 [[ -n ${WANDB_API_KEY:-} ]] || log "WANDB_API_KEY is not set (export it before sbatch, or WANDB_MODE=offline)"
 for name in "${ENV_NAMES[@]}"; do log "$name=${!name}"; done
-rm -f "$MARKER"   # a marker left by an earlier job must not requeue this one
+rm -f "$MARKER" "$FAILED"   # left by an earlier job: must not requeue this one, nor name its failure
 log "launch: $(quote_cmd "${SRUN[@]}")"
 
 "${SRUN[@]}" &
@@ -213,24 +238,61 @@ wait_for "$SRUN_PID"
 RC=$?
 log "step ended with exit status $RC"
 
-STOPPED_EARLY=0
+# What the step left: the marker (read, then removed whatever is decided below) and the failure reason.
+HAVE_MARKER=0
+STOP_NOTE=""
 if [[ -e $MARKER ]]; then
-  STOPPED_EARLY=1
-  rm -f "$MARKER"
+  HAVE_MARKER=1
+  STOP_NOTE=$(head -n 1 -- "$MARKER" 2>/dev/null)   # e.g. "stopped at step 1200 of 400000 on SIGUSR1"
+  rm -f -- "$MARKER"
 fi
-REQUEUE_WHY=""
-if (( GOT_USR1 && STOPPED_EARLY )); then
-  REQUEUE_WHY="stopped for the time limit"
-elif (( GOT_USR1 && RC != 0 )); then
-  REQUEUE_WHY="the step failed after the time-limit warning"
-elif (( STOPPED_EARLY && !GOT_TERM )); then
-  REQUEUE_WHY="the workers stopped on a signal sent to the step"
-fi
-if [[ -z $REQUEUE_WHY ]]; then
-  if (( STOPPED_EARLY )); then log "stopped early on SIGTERM: not requeueing (cancelled, or SLURM requeues a preemption)"; fi
+FAIL_NOTE=""
+if [[ -s $FAILED ]]; then FAIL_NOTE=$(head -n 1 -- "$FAILED" 2>/dev/null); fi
+
+if (( GOT_TERM )); then
+  log "cancelled/preempted (SIGTERM): not requeueing (a cancelled job stays cancelled; SLURM requeues a preemption itself)"
+  if (( HAVE_MARKER )); then log "the workers stopped cleanly: ${STOP_NOTE:-(empty marker)}"; fi
+  if (( GOT_USR1 )); then
+    log "the SIGTERM came after the time-limit warning: if it was the time limit, stopping took longer than the" \
+        "warning gives; raise the 120 in --signal=B:USR1@120 and resubmit (it resumes from the latest whole checkpoint)"
+  fi
   exit "$RC"
 fi
-log "requeueing job $SLURM_JOB_ID ($REQUEUE_WHY); it resumes from the latest whole checkpoint"
+
+if (( RC != 0 )); then
+  log "a rank failed (exit $RC): not requeueing"
+  if [[ -n $FAIL_NOTE ]]; then log "reason ($FAILED): $FAIL_NOTE"; else log "the first error in the log above says why"; fi
+  if (( GOT_USR1 )); then
+    log "the failure came after the time-limit warning (SIGUSR1): the workers did not stop cleanly, so this is a" \
+        "failure, not a stop to requeue"
+  fi
+  if (( HAVE_MARKER )); then log "the PREEMPTED marker (${STOP_NOTE:-empty}) was removed: a failed step never requeues"; fi
+  exit "$RC"
+fi
+
+if (( !HAVE_MARKER )); then
+  if (( GOT_USR1 )); then
+    log "the run finished (its last step came before the time-limit warning could stop it): not requeueing"
+  else
+    log "the run finished: not requeueing"
+  fi
+  exit 0
+fi
+
+if [[ $STOP_NOTE == *SIGTERM* ]]; then
+  # Only a SIGTERM to the step, not to this shell, gets here: e.g. `scancel --signal=TERM <jobid>`.
+  log "cancelled/preempted (SIGTERM): not requeueing (the workers stopped on a SIGTERM sent to the step: $STOP_NOTE)"
+  exit 0
+fi
+if (( GOT_USR1 )); then WHY="stopped for the time limit"; else WHY="stopped on a USR1 sent to the step"; fi
+if (( RESTARTS >= MAX_REQUEUES )); then
+  log "requeue limit reached: $WHY, but job $SLURM_JOB_ID has been requeued $RESTARTS times (MAX_REQUEUES=$MAX_REQUEUES)." \
+      "To go on from the latest whole checkpoint, submit it again: sbatch --job-name=$JOB_NAME runjob_SLURM.sh" \
+      "(same arguments); to allow more requeues, export MAX_REQUEUES=<n> before sbatch"
+  exit 1
+fi
+log "$WHY: requeueing job $SLURM_JOB_ID (requeue $(( RESTARTS + 1 )) of at most $MAX_REQUEUES;" \
+    "${STOP_NOTE:-empty marker}); it resumes from the latest whole checkpoint"
 if "${REQUEUE[@]}"; then
   exit 0
 fi

@@ -1,6 +1,8 @@
 """runjob_SLURM.sh: the #SBATCH header, the commands it prints for a faked SLURM environment (1 and 4
-nodes), and the time-limit path for real: fake `srun`/`scancel`/`scontrol` on PATH, a worker that
-handles SIGUSR1, SIGUSR1 sent to the batch shell, and the requeue decision that follows."""
+nodes), and the end of a job for real: fake `srun`/`scancel`/`scontrol` on PATH, a step that stops on
+a signal, finishes or fails, signals sent to the batch shell or to the step, and the requeue decision
+that follows. The rule under test: requeue only a step that exited 0 after a clean stop (PREEMPTED) asked
+for by SIGUSR1, at most MAX_REQUEUES times; a SIGTERM to the shell or any failure never requeues."""
 
 import contextlib
 import json
@@ -63,7 +65,16 @@ while todo:
         pass
 """
 # Stands in for `python -m torch.distributed.run ...` in the quick tests: records how it was started,
-# then behaves as FAKE_MODE says.
+# then behaves as FAKE_MODE says:
+#   finish   ends at once, exit 0 (the run reached its last step)
+#   crash    ends at once, exit 1: a rank failed without any signal from outside (FAKE_MARKER: text of a
+#            PREEMPTED marker written all the same, as a model rank that torchrun SIGTERMed once did)
+#   preempt  waits for a signal, stops cleanly: marker naming the signal, exit 0 (torchrun exits 1 after
+#            its own SIGTERM)
+#   die      waits for a signal, fails while stopping: no marker, exit 1
+#   done     waits for a signal, but its last step came first: no marker, exit 0
+# FAKE_RC overrides the exit status; FAKE_FAILED is written to <run_dir>/FAILED (train.py's reason);
+# FAKE_STOP_S is how long stopping takes (default 1 s on SIGTERM: a checkpoint inside KillWait).
 FAKE_STEP = """
 import json, os, signal, sys, time
 from pathlib import Path
@@ -74,8 +85,21 @@ run_dir = Path([a.split("=", 1)[1] for a in argv if a.startswith("--run_dir=")][
 (fake / "step.json").write_text(json.dumps(
     {"argv": argv, "usr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}))
 mode = os.environ["FAKE_MODE"]
-if mode in ("finish", "crash"):
-    sys.exit(0 if mode == "finish" else 1)
+
+
+def leave(marker, rc):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if marker is not None:
+        (run_dir / "PREEMPTED").write_text(marker + "\\n")
+    if os.environ.get("FAKE_FAILED"):
+        (run_dir / "FAILED").write_text(os.environ["FAKE_FAILED"] + "\\n")
+    sys.exit(int(os.environ.get("FAKE_RC", rc)))
+
+
+if mode == "finish":
+    leave(None, 0)
+if mode == "crash":
+    leave(os.environ.get("FAKE_MARKER"), 1)
 got = []
 signal.signal(signal.SIGUSR1, lambda *_: got.append("USR1"))
 signal.signal(signal.SIGTERM, lambda *_: got.append("TERM"))
@@ -85,33 +109,43 @@ while not got and time.monotonic() < deadline:
     time.sleep(0.02)                      # one training step
 if not got:
     sys.exit(3)
-if got[0] == "TERM":
-    time.sleep(1.0)                       # a checkpoint written inside KillWait
-if mode == "preempt":                     # stopped before its last step: checkpoint, then the marker
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "PREEMPTED").write_text("")
+(fake / "stopping").write_text(got[0])
+time.sleep(float(os.environ.get("FAKE_STOP_S", 1.0 if got[0] == "TERM" else 0.0)))
 (fake / "stopped").write_text(got[0])
-sys.exit(1 if mode == "die" or got[0] == "TERM" else 0)   # torchrun exits 1 after SIGTERM
+if mode == "preempt":                     # stopped before its last step: checkpoint, then the marker
+    leave(f"stopped at step 7 of 100 on SIG{got[0]}", 1 if got[0] == "TERM" else 0)
+leave(None, 1 if mode == "die" else 0)
 """
-# src/train.py for the end-to-end test under the real torchrun.
+# src/train.py for the end-to-end tests under the real torchrun, as FAKE_TRAIN says:
+#   usr1  every worker stops on SIGUSR1; rank 0 writes the marker
+#   oom   rank 0 (a loader) is SIGKILLed once rank 1 runs, as the kernel's OOM killer does; torchrun
+#         SIGTERMs rank 1 (a model rank), which stops "cleanly" and, as train.py once did, writes the
+#         marker, and also FAILED
 FAKE_TRAIN = """
 import os, signal, sys, time
 from pathlib import Path
 
 got = []
 signal.signal(signal.SIGUSR1, lambda *_: got.append("USR1"))
+signal.signal(signal.SIGTERM, lambda *_: got.append("TERM"))
 rank = os.environ["RANK"]
+mode = os.environ["FAKE_TRAIN"]
 run_dir = Path([a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--run_dir=")][-1])
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / f"ready.{rank}").write_text("")
 deadline = time.monotonic() + 60
 while not got and time.monotonic() < deadline:
+    if mode == "oom" and rank == "0" and (run_dir / "ready.1").exists():
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.05)                      # one training step
 if not got:
     sys.exit(3)
-(run_dir / f"stopped.{rank}").write_text("")
-if rank == "0":
-    (run_dir / "PREEMPTED").write_text("")
+(run_dir / f"stopped.{rank}").write_text(got[0])
+if mode == "oom":
+    (run_dir / "PREEMPTED").write_text(f"stopped at step 7 of 100 on SIG{got[0]}\\n")
+    (run_dir / "FAILED").write_text("loader rank 0 died (SIGKILL)\\n")
+elif rank == "0":
+    (run_dir / "PREEMPTED").write_text(f"stopped at step 7 of 100 on SIG{got[0]}\\n")
 """
 
 
@@ -256,6 +290,12 @@ def test_dry_run_commands(slurm, nodes, nodelist, hosts):
     assert f"scancel --signal=USR1 {JOB_ID}" in result.stdout
     assert f"scontrol requeue {JOB_ID}" in result.stdout
     assert "runs/myjob/PREEMPTED" in result.stdout
+    # the requeue rule: a clean USR1 stop only, capped; SIGTERM and failures never requeue
+    assert "ONLY if the step exited 0, runs/myjob/PREEMPTED exists" in result.stdout
+    assert "SLURM_RESTART_COUNT (0) < MAX_REQUEUES (20), else exit 1" in result.stdout
+    assert "SIGTERM to this shell (scancel, preemption): never requeued from here" in result.stdout
+    assert "any other non-zero exit of the step (also after SIGUSR1) is a failure: no requeue" in result.stdout
+    assert "runs/myjob/FAILED" in result.stdout
     # nothing was started: scontrol only expanded the node list
     assert _calls(fake) == [f"scontrol show hostnames {nodelist}"]
 
@@ -279,7 +319,7 @@ def test_dry_run_line_pastes_back_into_bash(slurm, tmp_path):
 def test_dry_run_settings_from_the_environment(slurm):
     env, _ = slurm
     env.update(PRESET="tiny", RUN_DIR="runs/stage 2", RDZV_PORT="30123", RDZV_HOST="10.0.0.7",
-               NPROC_PER_NODE="3", OMP_NUM_THREADS="5")
+               NPROC_PER_NODE="3", OMP_NUM_THREADS="5", MAX_REQUEUES="4", SLURM_RESTART_COUNT="2")
     del env["SLURM_GPUS_ON_NODE"], env["SLURM_CPUS_PER_TASK"]
     result = _dry_run(env, ["--run_dir", "runs/override"])
     assert result.returncode == 0, result.stderr
@@ -289,7 +329,8 @@ def test_dry_run_settings_from_the_environment(slurm):
     assert train == ["--preset=tiny", "--run_dir=runs/stage 2", "--resume=auto", "--run_dir", "runs/override"]
     assert "export OMP_NUM_THREADS=5" in result.stdout
     # the marker is looked for where train.py will write: the last --run_dir wins
-    assert "runs/override/PREEMPTED" in result.stdout
+    assert "runs/override/PREEMPTED" in result.stdout and "runs/override/FAILED" in result.stdout
+    assert "SLURM_RESTART_COUNT (2) < MAX_REQUEUES (4)" in result.stdout
 
 
 def test_gpus_per_node_falls_back_to_the_header(slurm):
@@ -303,6 +344,8 @@ def test_gpus_per_node_falls_back_to_the_header(slurm):
     ({"SLURM_JOB_ID": None}, "SLURM_JOB_ID is not set: submit with 'sbatch runjob_SLURM.sh"),
     ({"SLURM_NNODES": "2"}, "SLURM_NNODES=2 but gpu017 expands to 1 hosts"),
     ({"NPROC_PER_NODE": "eight"}, "processes per node 'eight' is not a positive int"),
+    ({"MAX_REQUEUES": "-1"}, "MAX_REQUEUES='-1' is not a whole number"),
+    ({"MAX_REQUEUES": "many"}, "MAX_REQUEUES='many' is not a whole number"),
     ({"RUN_DIR": ""}, None),  # empty RUN_DIR falls back to runs/<job name>
 ])
 def test_bad_environment_is_named(slurm, change, message):
@@ -400,6 +443,10 @@ def _step_info(fake: Path) -> dict:
     return json.loads((fake / "step.json").read_text())
 
 
+def _requeued(fake: Path) -> bool:
+    return f"scontrol requeue {JOB_ID}" in _calls(fake)
+
+
 def test_time_limit_warning_stops_the_workers_and_requeues(step):
     env, fake, marker = step
     env["FAKE_MODE"] = "preempt"
@@ -413,6 +460,8 @@ def test_time_limit_warning_stops_the_workers_and_requeues(step):
     assert info["argv"][-2:] == ["--resume=auto", "--log.wandb_name=two words"]
     assert (fake / "stopped").read_text() == "USR1"   # the worker got the forwarded warning
     assert "step ended with exit status 0" in out      # the batch shell outlived the signal
+    assert "stopped for the time limit: requeueing" in out
+    assert "stopped at step 7 of 100 on SIGUSR1" in out   # what the marker said
     calls = _calls(fake)
     assert f"scancel --signal=USR1 {JOB_ID}" in calls
     assert calls[-1] == f"scontrol requeue {JOB_ID}"
@@ -430,26 +479,53 @@ def test_usr1_sent_to_the_step_only_also_requeues(step):
     assert rc == 0, out
     assert (fake / "stopped").read_text() == "USR1"
     assert _calls(fake)[-1] == f"scontrol requeue {JOB_ID}"
-    assert "the workers stopped on a signal sent to the step" in out
+    assert "stopped on a USR1 sent to the step: requeueing" in out
     assert not marker.exists()
 
 
-def test_sigterm_waits_for_the_checkpoint_and_does_not_requeue(step):
+@pytest.mark.parametrize("warned_first", [False, True])
+def test_sigterm_waits_for_the_checkpoint_and_does_not_requeue(step, warned_first):
     """scancel / preemption: SLURM sends SIGTERM to the step and to the shell. The shell must live until
-    the workers have written their checkpoint (the job ends with the batch shell) and not requeue."""
+    the workers have written their checkpoint (the job ends with the batch shell) and not requeue, also
+    when the time-limit warning came first (the job is then ending: its limit, or a cancel)."""
     env, fake, marker = step
     env["FAKE_MODE"] = "preempt"
+    env["FAKE_STOP_S"] = "1.0"                  # a checkpoint written inside KillWait
+    with Batch(env) as batch:
+        _wait_for(fake / "ready", batch.proc, 30)
+        if warned_first:
+            batch.signal(signal.SIGUSR1)
+            _wait_for(fake / "stopping", batch.proc, 30)
+        else:
+            subprocess.run(["scancel", "--signal=TERM", JOB_ID], env=env, check=True, timeout=30)
+        batch.signal(signal.SIGTERM)
+        rc, out = batch.finish()
+    stopped_on = "USR1" if warned_first else "TERM"
+    assert (fake / "stopped").read_text() == stopped_on
+    # the step's own status: torchrun exits 1 after SIGTERM, 0 after a clean USR1 stop
+    assert rc == (0 if warned_first else 1), out
+    assert out.index("SIGTERM") < out.index(f"step ended with exit status {rc}")
+    assert "cancelled/preempted (SIGTERM): not requeueing" in out
+    assert ("the SIGTERM came after the time-limit warning" in out) == warned_first
+    assert f"stopped at step 7 of 100 on SIG{stopped_on}" in out
+    assert not _requeued(fake)
+    assert not marker.exists()                 # removed: only the shell that outlived the worker does that
+
+
+def test_sigterm_to_the_step_only_does_not_requeue(step):
+    """A SIGTERM that reaches the step but not this shell (`scancel --signal=TERM <job>`), with a step
+    that still exits 0: the marker names SIGTERM, so this was no USR1 stop."""
+    env, fake, marker = step
+    env.update(FAKE_MODE="preempt", FAKE_RC="0")
     with Batch(env) as batch:
         _wait_for(fake / "ready", batch.proc, 30)
         subprocess.run(["scancel", "--signal=TERM", JOB_ID], env=env, check=True, timeout=30)
-        batch.signal(signal.SIGTERM)
         rc, out = batch.finish()
+    assert rc == 0, out
     assert (fake / "stopped").read_text() == "TERM"
-    assert rc == 1, out                        # the step's own status (torchrun exits 1 after SIGTERM)
-    assert out.index("SIGTERM") < out.index("step ended with exit status 1")
-    assert not [c for c in _calls(fake) if "requeue" in c]
-    assert not marker.exists()                 # removed: only the shell that outlived the worker does that
-    assert "not requeueing" in out
+    assert "cancelled/preempted (SIGTERM): not requeueing" in out
+    assert not _requeued(fake)
+    assert not marker.exists()
 
 
 def test_finished_run_is_not_requeued(step):
@@ -458,43 +534,102 @@ def test_finished_run_is_not_requeued(step):
     with Batch(env) as batch:
         rc, out = batch.finish()
     assert rc == 0, out
+    assert "the run finished: not requeueing" in out
     assert not [c for c in _calls(fake) if "requeue" in c or "scancel" in c]
 
 
-def test_crash_without_warning_is_not_requeued(step):
-    env, fake, _ = step
-    env["FAKE_MODE"] = "crash"
-    with Batch(env) as batch:
-        rc, out = batch.finish()
-    assert rc == 1, out
-    assert not [c for c in _calls(fake) if "requeue" in c]
-
-
-@pytest.mark.parametrize(("mode", "requeued", "rc"), [
-    ("done", False, 0),   # reached its last step as the warning came: nothing left to do
-    ("die", True, 0),     # failed after the warning (e.g. no handler): resume from the last checkpoint
+@pytest.mark.parametrize(("marker_text", "failed", "rc"), [
+    (None, None, 1),                                              # no marker, no reason: the log says why
+    # the operator's case: the loader was OOM-killed, torchrun SIGTERMed the model ranks, they stopped
+    # and left a marker, torchrun exited 1. Requeueing it would fail the same way forever.
+    ("stopped at step 7 of 100 on SIGTERM", "loader rank 0 died (SIGKILL)", 1),
+    ("stopped at step 7 of 100 on a peer signal", None, 1),       # the exit status alone decides
+    (None, "disk full while writing checkpoint-00000007", 2),     # the step's status is the job's
 ])
-def test_warning_without_marker(step, mode, requeued, rc):
-    env, fake, _ = step
+def test_failed_step_is_not_requeued(step, marker_text, failed, rc):
+    env, fake, marker = step
+    env.update(FAKE_MODE="crash", FAKE_RC=str(rc))
+    if marker_text:
+        env["FAKE_MARKER"] = marker_text
+    if failed:
+        env["FAKE_FAILED"] = failed
+    with Batch(env) as batch:
+        got_rc, out = batch.finish()
+    assert got_rc == rc, out
+    assert f"a rank failed (exit {rc}): not requeueing" in out
+    if failed:
+        assert f"reason ({marker.parent / 'FAILED'}): {failed}" in out
+        assert (marker.parent / "FAILED").read_text() == failed + "\n"   # left for the operator
+    else:
+        assert "the first error in the log above says why" in out
+    assert not _requeued(fake)
+    assert not marker.exists()          # a stale marker must not fool the next job
+
+
+@pytest.mark.parametrize(("mode", "rc", "log_line"), [
+    ("done", 0, "the run finished (its last step came before the time-limit warning"),
+    ("die", 1, "a rank failed (exit 1): not requeueing"),       # failed after the warning: still a failure
+    ("preempt", 1, "a rank failed (exit 1): not requeueing"),   # marker written, but a rank failed after it
+])
+def test_warning_without_a_clean_stop_is_not_requeued(step, mode, rc, log_line):
+    env, fake, marker = step
     env["FAKE_MODE"] = mode
+    if mode == "preempt":
+        env["FAKE_RC"] = "1"
     with Batch(env) as batch:
         _wait_for(fake / "ready", batch.proc, 30)
         batch.signal(signal.SIGUSR1)
         got_rc, out = batch.finish()
     assert got_rc == rc, out
-    assert bool([c for c in _calls(fake) if c == f"scontrol requeue {JOB_ID}"]) == requeued
+    assert (fake / "stopped").read_text() == "USR1"
+    assert log_line in out
+    assert ("the failure came after the time-limit warning (SIGUSR1)" in out) == (rc != 0)
+    assert not _requeued(fake)
+    assert not marker.exists()
 
 
-def test_stale_marker_from_an_earlier_job_is_ignored(step):
+@pytest.mark.parametrize(("max_requeues", "restarts", "requeued"), [
+    (None, "19", True),     # default 20: the 20th requeue still happens
+    (None, "20", False),
+    ("3", None, True),      # the first run of a submission: SLURM_RESTART_COUNT is unset
+    ("3", "3", False),
+    ("0", None, False),     # never requeue
+])
+def test_requeues_are_capped(step, max_requeues, restarts, requeued):
     env, fake, marker = step
-    env["FAKE_MODE"] = "finish"
+    env["FAKE_MODE"] = "preempt"
+    if max_requeues is not None:
+        env["MAX_REQUEUES"] = max_requeues
+    if restarts is not None:
+        env["SLURM_RESTART_COUNT"] = restarts
+    with Batch(env) as batch:
+        _wait_for(fake / "ready", batch.proc, 30)
+        batch.signal(signal.SIGUSR1)
+        rc, out = batch.finish()
+    assert _requeued(fake) == requeued, out
+    if requeued:
+        assert rc == 0 and "stopped for the time limit: requeueing" in out
+    else:
+        assert rc != 0
+        assert "requeue limit reached" in out and "stopped for the time limit" in out
+        assert f"MAX_REQUEUES={max_requeues or 20}" in out and "export MAX_REQUEUES=<n> before sbatch" in out
+    assert not marker.exists()
+
+
+def test_stale_files_from_an_earlier_job_are_ignored(step):
+    """A marker and a failure reason left by an earlier job neither requeue this one nor name its failure."""
+    env, fake, marker = step
+    env["FAKE_MODE"] = "crash"
     marker.parent.mkdir(parents=True)
-    marker.write_text("")
+    marker.write_text("stopped at step 3 of 100 on SIGUSR1\n")
+    (marker.parent / "FAILED").write_text("an old reason\n")
     with Batch(env) as batch:
         rc, out = batch.finish()
-    assert rc == 0, out
-    assert not [c for c in _calls(fake) if "requeue" in c]
-    assert not marker.exists()
+    assert rc == 1, out
+    assert "a rank failed (exit 1): not requeueing" in out
+    assert "an old reason" not in out
+    assert not _requeued(fake)
+    assert not marker.exists() and not (marker.parent / "FAILED").exists()
 
 
 def _free_port() -> int:
@@ -503,10 +638,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_real_torchrun_keeps_running_and_its_workers_get_the_warning(slurm, tmp_path):
-    """End to end with the real torchrun (2 workers, c10d rendezvous on this machine): SIGUSR1 to the
-    batch shell reaches both workers, torchrun does not die of it, and the job is requeued."""
+@pytest.fixture
+def real_torchrun(slurm, tmp_path):
+    """The fake SLURM with the real torchrun (2 workers, c10d rendezvous on this machine) running
+    FAKE_TRAIN as src/train.py."""
     env, fake = slurm
     submit = Path(env["SLURM_SUBMIT_DIR"])
     (submit / "src").mkdir()
@@ -514,13 +649,43 @@ def test_real_torchrun_keeps_running_and_its_workers_get_the_warning(slurm, tmp_
     run_dir = tmp_path / "run"
     env.update(FAKE_HOSTS="localhost", SLURM_JOB_NODELIST="localhost", NPROC_PER_NODE="2",
                RDZV_PORT=str(_free_port()), RUN_DIR=str(run_dir), SLURM_CPUS_PER_TASK="2")
+    return env, fake, run_dir
+
+
+@pytest.mark.slow
+def test_real_torchrun_keeps_running_and_its_workers_get_the_warning(real_torchrun):
+    """SIGUSR1 to the batch shell reaches both workers, torchrun does not die of it, and the job is
+    requeued."""
+    env, fake, run_dir = real_torchrun
+    env["FAKE_TRAIN"] = "usr1"
     with Batch(env) as batch:
         _wait_for(run_dir / "ready.0", batch.proc, 90)
         _wait_for(run_dir / "ready.1", batch.proc, 30)
         batch.signal(signal.SIGUSR1)
         rc, out = batch.finish(timeout=90)
     assert rc == 0, out
-    assert (run_dir / "stopped.0").exists() and (run_dir / "stopped.1").exists(), out
+    assert (run_dir / "stopped.0").read_text() == "USR1" and (run_dir / "stopped.1").read_text() == "USR1", out
     assert "step ended with exit status 0" in out
+    assert "stopped for the time limit: requeueing" in out
     assert _calls(fake)[-1] == f"scontrol requeue {JOB_ID}"
+    assert not (run_dir / "PREEMPTED").exists()
+
+
+@pytest.mark.slow
+def test_real_torchrun_oom_killed_loader_is_not_requeued(real_torchrun):
+    """The operator's case under the real torchrun: a worker dies of SIGKILL with no signal to the job.
+    torchrun SIGTERMs the other worker, which stops, leaves a marker and a reason, and exits 0; torchrun
+    exits non-zero, so the job fails and is not requeued (it would fail the same way forever)."""
+    env, fake, run_dir = real_torchrun
+    env["FAKE_TRAIN"] = "oom"
+    with Batch(env) as batch:
+        rc, out = batch.finish(timeout=120)
+    assert rc != 0, out
+    assert (run_dir / "stopped.1").read_text() == "TERM", out   # torchrun stopped the survivor
+    assert not (run_dir / "stopped.0").exists()                  # the "loader" never got to stop
+    assert f"step ended with exit status {rc}" in out
+    assert f"a rank failed (exit {rc}): not requeueing" in out
+    assert "loader rank 0 died (SIGKILL)" in out
+    assert not _requeued(fake)
+    assert not [c for c in _calls(fake) if c.startswith("scancel")]
     assert not (run_dir / "PREEMPTED").exists()
