@@ -11,13 +11,14 @@ applies those from outside.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sd3.config import ModelConfig
-from sd3.model.attention import KeyMask, attention, resolve_backend
+from sd3.model.attention import JointAttention, attention, resolve_backend
 from sd3.model.rope import apply_rope, rope_frequencies
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,6 +59,11 @@ def joint_rms_norm(parts: list[Tensor], norms: list[nn.RMSNorm]) -> Tensor:
     x = torch.cat(parts, dim=2)                                                             # (B, H, L, Dh)
     weight = torch.cat([n.weight.expand(p.shape[2], -1) for p, n in zip(parts, norms)])    # (L, Dh)
     return F.rms_norm(x, (x.shape[-1],), eps=norms[0].eps) * weight
+
+
+def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on for this device type, else the weights'."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else param_dtype
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -147,6 +153,32 @@ def make_mlp(kind: str, width: int, ratio: float) -> nn.Module:
     return SwiGLU(width, hidden) if kind == "swiglu" else GeluMLP(width, hidden)
 
 
+class Modulation(nn.Linear):
+    """adaLN-Zero: the conditioning vector (B, D) -> `n` named (shift, scale, gate) sets, each (B, D).
+
+    `gated=False` makes (shift, scale) sets, for a stream whose residual update is never taken (the last
+    block's text). Zero-initialised by the model, so a fresh block is the identity."""
+
+    def __init__(self, width: int, n: int, *, gated: bool = True):
+        super().__init__(width, n * (3 if gated else 2) * width)
+        self.n, self.gated = n, gated
+
+    def forward(self, vec: Tensor) -> list[ModulationOut]:
+        per = 3 if self.gated else 2
+        chunks = super().forward(vec).chunk(self.n * per, dim=-1)
+        return [ModulationOut(*chunks[i * per : (i + 1) * per]) for i in range(self.n)]
+
+
+class ModulationOut(NamedTuple):
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor | None = None
+
+    def apply(self, x: Tensor) -> Tensor:
+        """adaLN: x (B, L, D), normalised outside."""
+        return modulate(x, self.shift, self.scale)
+
+
 class StreamAttention(nn.Module):
     """One stream's half of the joint attention: fused projections, per-head QK-RMSNorm, output projection.
 
@@ -174,50 +206,57 @@ class JointBlock(nn.Module):
     """Dual-stream block: image and text keep their own weights and share one softmax attention.
 
     Per stream: adaLN-Zero modulation from the conditioning vector (shift, scale, gate for attention
-    and MLP; zero-initialised, so a fresh block is the identity). The last block only lets text act
-    as keys and values: its text output would be discarded, so it has no text queries, output
-    projection, MLP or gates (less work, and unused parameters would break DDP)."""
+    and MLP). The last block only lets text act as keys and values: its text output would be
+    discarded, so it has no text queries, output projection, MLP or gates (less work, and unused
+    parameters would break DDP)."""
 
     def __init__(self, cfg: ModelConfig, *, last: bool):
         super().__init__()
         D = cfg.width
         self.last = last
-        self.attn_backend = cfg.attn_backend
         self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # shared: no parameters
-        self.img_mod = nn.Linear(D, 6 * D)
+        self.img_mod = Modulation(D, 2)
         self.img_attn = StreamAttention(D, cfg.num_heads)
         self.img_mlp = make_mlp(cfg.mlp_type, D, cfg.mlp_ratio)
-        self.txt_mod = nn.Linear(D, (2 if last else 6) * D)
+        self.txt_mod = Modulation(D, 1, gated=False) if last else Modulation(D, 2)
         self.txt_attn = StreamAttention(D, cfg.num_heads, queries=not last)
         self.txt_mlp = None if last else make_mlp(cfg.mlp_type, D, cfg.mlp_ratio)
 
     def forward(
-        self, *, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, mask: KeyMask
+        self, *, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, attn: JointAttention
     ) -> tuple[Tensor, Tensor]:
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, -1)
-        txt_mod = self.txt_mod(vec).chunk(2 if self.last else 6, -1)  # each (B, D)
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, *txt_mod2 = self.txt_mod(vec)  # the last block: attention modulation only
 
         # Prepare image, prepare text, one joint attention (queries: image, then text unless last).
-        img_q, img_k, img_v = self.img_attn.heads_of(modulate(self.norm(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.heads_of(modulate(self.norm(txt), txt_mod[0], txt_mod[1]))
-        k = apply_rope(joint_rms_norm([img_k, txt_k], [self.img_attn.k_norm, self.txt_attn.k_norm]), pe)
-        if self.last:
-            q = apply_rope(self.img_attn.q_norm(img_q), pe[: img.shape[1]])           # (B, H, L_img, Dh)
-        else:
-            q = apply_rope(joint_rms_norm([img_q, txt_q], [self.img_attn.q_norm, self.txt_attn.q_norm]), pe)
-        v = torch.cat([img_v, txt_v], dim=2)                                            # (B, H, L, Dh)
-        backend = resolve_backend(self.attn_backend, q.device, q.dtype)
-        out = attention(q, k, v, mask=mask, backend=backend)          # (B, L_img or L, D)
+        img_q, img_k, img_v = self.img_attn.heads_of(img_mod1.apply(self.norm(img)))
+        txt_q, txt_k, txt_v = self.txt_attn.heads_of(txt_mod1.apply(self.norm(txt)))
+        q, k, v = self.joint_qkv(img_q, txt_q, img_k, txt_k, img_v, txt_v, pe)
+        out = attention(q, k, v, attn=attn)                                    # (B, L_img or L, D)
 
         # Split, then two residual updates per stream.
-        img = gated(img, img_gate1, self.img_attn.proj(out[:, : img.shape[1]]))
-        img = gated(img, img_gate2, self.img_mlp(modulate(self.norm(img), img_shift2, img_scale2)))
+        img = self.update(img, out[:, : img.shape[1]], self.img_attn.proj, img_mod1, self.img_mlp, img_mod2)
         if self.last:
             return img, txt
-        _, _, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
-        txt = gated(txt, txt_gate1, self.txt_attn.proj(out[:, img.shape[1] :]))
-        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.norm(txt), txt_shift2, txt_scale2)))
+        txt = self.update(txt, out[:, img.shape[1] :], self.txt_attn.proj, txt_mod1, self.txt_mlp, txt_mod2[0])
         return img, txt
+
+    def joint_qkv(self, img_q, txt_q, img_k, txt_k, img_v, txt_v, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """QK-norm and RoPE over the joint sequence; q, k and v leave in one dtype, v's (the autocast
+        dtype under autocast), since the norms and rotations compute in fp32 (flux's QKNorm does the same)."""
+        v = torch.cat([img_v, txt_v], dim=2)                                              # (B, H, L, Dh)
+        k = apply_rope(joint_rms_norm([img_k, txt_k], [self.img_attn.k_norm, self.txt_attn.k_norm]), pe)
+        if self.last:  # image queries only
+            q = apply_rope(joint_rms_norm([img_q], [self.img_attn.q_norm]), pe[: img_q.shape[2]])  # (B, H, L_img, Dh)
+        else:
+            q = apply_rope(joint_rms_norm([img_q, txt_q], [self.img_attn.q_norm, self.txt_attn.q_norm]), pe)
+        return q.to(v.dtype), k.to(v.dtype), v
+
+    def update(self, x: Tensor, attn_out: Tensor, proj: nn.Linear, mod1: ModulationOut, mlp: nn.Module,
+               mod2: ModulationOut) -> Tensor:
+        """The gated residual updates of one stream: attention output, then the modulated MLP."""
+        x = gated(x, mod1.gate, proj(attn_out))
+        return gated(x, mod2.gate, mlp(mod2.apply(self.norm(x))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,6 +319,10 @@ class MMDiT(nn.Module):
     def rope_scale(self) -> float:
         return self.cfg.max_res_orig / self.cfg.max_res
 
+    def attn_backend(self, device: torch.device) -> str:
+        """The attention backend of this forward, resolved once for every block."""
+        return resolve_backend(self.cfg.attn_backend, device, compute_dtype(device, self.img_in.weight.dtype))
+
     def rope(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
         key = (grid_h, grid_w, str(device))
         if key not in self._rope_cache:
@@ -303,9 +346,11 @@ class MMDiT(nn.Module):
         vec = F.silu(self.time_in(t) + self.pooled_in(pooled))                      # (B, D)
         # Rotations for the joint sequence: the image grid's, then identity for text (not rotated).
         pe = F.pad(self.rope(grid_h, grid_w, xt.device), (0, 0, 0, txt.shape[1]), value=1.0)  # (L, Dh/2)
-        mask = KeyMask.build(img.shape[1], [m.bool() for m in text_mask], B, xt.device)
+        attn = JointAttention.build(self.attn_backend(xt.device), img_len=img.shape[1], txt_masks=[
+            m.bool() for m in text_mask], batch=B, dtype=compute_dtype(xt.device, img.dtype), device=xt.device)
+        txt = attn.arrange(txt)
         for block in self.blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, mask=mask)
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn=attn)
         return unpatchify(self.final(img, vec), grid_h, grid_w, p)                  # (B, C, h, w)
 
 
