@@ -141,6 +141,21 @@ def test_euler_is_exact_on_the_flow_to_a_point():
     torch.testing.assert_close(stochastic, mu)  # its last step is the deterministic x0 estimate
 
 
+def test_heun_never_evaluates_the_velocity_at_t_zero():
+    """The oracle velocity of the flow to a point, (x - mu) / t, is undefined at t = 0: Heun's last step
+    must not ask for it, and lands on mu."""
+    mu, x1 = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t))
+        return (x - mu) / t
+
+    out = heun(velocity, x1.clone(), schedule(6, shift=3.0).double())
+    assert min(seen) > 0
+    torch.testing.assert_close(out, mu)
+
+
 def test_stochastic_sampler_keeps_gaussian_marginals():
     """Data N(0, s^2): the exact velocity is linear; the SDE sampler must end at variance s^2 (the
     seed's noise-only version inflates it)."""

@@ -63,7 +63,7 @@ def guided(model, *, cond: Cond, uncond: Cond, scale: float) -> Velocity:
 
 
 def _call(model, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-    return model(xt=x, t=t.expand(x.shape[0]).to(x.dtype), text=cond.text, text_mask=cond.text_mask,
+    return model(xt=x, t=t.expand(x.shape[0]).to(x.device, x.dtype), text=cond.text, text_mask=cond.text_mask,
                  pooled=cond.pooled).float()
 
 
@@ -79,12 +79,17 @@ def euler(velocity: Velocity, x: Tensor, ts: Tensor, *, on_step=None, generator=
 
 
 def heun(velocity: Velocity, x: Tensor, ts: Tensor, *, on_step=None, generator=None) -> Tensor:
-    """Second order: average the slopes at both ends of the step (two model calls per step)."""
+    """Second order: average the slopes at both ends of the step (two model calls per step). The step
+    to t = 0 is a plain Euler step, as in Karras et al. 2022 (arXiv 2206.00364, Alg. 1): the model is
+    never asked for the velocity at t = 0, where the flow's velocity (x - x0) / t is undefined."""
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         dt = t_next - t_cur
         v_cur = velocity(x, t_cur)
-        v_next = velocity(x + dt * v_cur, t_next)
-        x = x + dt * (v_cur + v_next) / 2
+        if t_next <= 0:
+            x = x + dt * v_cur
+        else:
+            v_next = velocity(x + dt * v_cur, t_next)
+            x = x + dt * (v_cur + v_next) / 2
         if on_step:
             on_step(x, t_next)
     return x
@@ -128,5 +133,5 @@ def sample(model, *, noise: Tensor, cond: Cond, uncond: Cond | None = None, step
            generator: torch.Generator | None = None, on_step=None) -> Tensor:
     """Integrate from noise (t = 1) to latents (t = 0). `uncond` defaults to the trained null."""
     velocity = guided(model, cond=cond, uncond=null_cond(cond) if uncond is None else uncond, scale=cfg_scale)
-    ts = schedule(steps, shift=shift, device=noise.device)
+    ts = schedule(steps, shift=shift)  # on the CPU: the samplers' `t_next <= 0` tests never wait for a GPU
     return get_sampler(sampler)(velocity, noise.float(), ts, on_step=on_step, generator=generator)
