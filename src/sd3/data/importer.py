@@ -40,6 +40,7 @@ with no duplicates or gaps. One import per output folder at a time.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import multiprocessing
@@ -337,6 +338,7 @@ class WebDatasetSource(Source):
         n = 0                                                     # samples seen in this tar
         key: str | None = None
         members: dict[str, bytes] = {}
+        error = ""
         try:
             with tarfile.open(self.base / name, mode="r|*") as tar:
                 for member in tar:
@@ -356,13 +358,16 @@ class WebDatasetSource(Source):
                     ext = base[dot:].lower()
                     if n >= start and (ext in IMAGE_EXTS or ext in CAPTION_EXTS) and ext not in members:
                         members[ext] = tar.extractfile(member).read()  # streaming: only the current member
-            if key is not None and n >= start:
-                yield self._sample(u, n, key, members)
+                end = tar.offset
+            if not _tar_end_ok(self.base / name, end):
+                error = f"cut off or damaged after byte {end}: no end-of-archive block there"
         except Exception as e:  # TarError, EOFError, zlib.error, ...: a broken stream never stops the import
-            if key is not None and n >= start:
-                yield self._sample(u, n, key, members)          # what was read of it, whole members only
-                n += 1
-            yield UnitFailure(u, n, name, f"{type(e).__name__}: {e}")
+            error = f"{type(e).__name__}: {e}"
+        if key is not None and n >= start:
+            yield self._sample(u, n, key, members)              # members are only kept when read whole
+            n += 1
+        if error:
+            yield UnitFailure(u, max(n, start), name, error)
 
     def _sample(self, u: int, n: int, key: str, members: dict[str, bytes]) -> Item:
         item = Item(u, n, f"{self.units[u]}/{key}", carried={"url": None})
@@ -387,6 +392,16 @@ class WebDatasetSource(Source):
             item.short = item.short or short
             item.caption = item.caption or long
         return item
+
+
+def _tar_end_ok(path: Path, offset: int) -> bool:
+    """Whether a tar stream has its end-of-archive block (512 zero bytes) where tarfile stopped reading.
+    tarfile ends silently, as if the archive were complete, at a cut-off or garbled header after the
+    first one: without this check a truncated shard would pass for a whole one."""
+    opener = gzip.open if path.name.lower().endswith((".gz", ".tgz")) else open
+    with opener(path, "rb") as f:
+        f.seek(offset)                                            # gzip: decompresses up to there again
+        return f.read(512) == bytes(512)
 
 
 # -- columnar inputs (parquet files, Hugging Face Arrow files) ---------------------------------------
