@@ -8,8 +8,8 @@ img2dataset's output (webdataset .tar shards or parquet), parquet files with oth
 (--image-column, --caption-column, --short-caption-column), or a Hugging Face dataset saved with
 save_to_disk. The kind is detected unless --kind is given. Unreadable images and rows without a caption
 are skipped and counted; a killed run resumes where it stopped when rerun with the same arguments.
-With --phase-res the create_phase step and the bucket index follow, so one command yields a training
-set; otherwise run them next:
+With --phase-res the create_phase step (into <res> beside OUTPUT, or --phase-output) and the bucket index
+follow, so one command yields a training set; otherwise run them next:
 
     python data/create_phase.py --input data/mine/raw --output data/mine/256 --max-res 256 --patch 16
     python src/create_indices.py --data data/mine/256
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="then run create_phase at this resolution and index it")
     parser.add_argument("--patch", type=int, default=16,
                         help="with --phase-res: bucket grid, latent factor x patch (16: FLUX VAE; 8: tiny preset)")
-    parser.add_argument("--phase-output", default=None, help="with --phase-res: its folder (default OUTPUT/<res>)")
+    parser.add_argument("--phase-output", default=None,
+                        help="with --phase-res: its folder (default: <res> beside OUTPUT, e.g. data/mine/256 for "
+                             "data/mine/raw)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.phase_output is not None and args.phase_res is None:
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if report.stats.rows_written == 0:
         print("import_images: no rows to resize: skipping --phase-res", file=sys.stderr)
         return 1
-    phase_dir = Path(args.phase_output or Path(args.output) / str(args.phase_res))
+    # Beside the raw folder, not inside it: create_phase reads every shard under its input, so a phase
+    # folder inside OUTPUT would become input to the next phase made from OUTPUT (the demo's layout too).
+    phase_dir = Path(args.phase_output or Path(args.output).resolve().parent / str(args.phase_res))
     try:
         phase = create_phase(args.output, phase_dir, max_res=args.phase_res, multiple=args.patch,
                              workers=args.workers, progress=not args.quiet)

@@ -408,8 +408,9 @@ def test_unreadable_inputs_are_listed_and_the_rest_imported(tmp_path, capsys):
 
 def test_end_to_end_phase_and_index(tmp_path, capsys):
     ids = make_folder(tmp_path / "photos")
-    code = main(["--input", str(tmp_path / "photos"), "--output", str(tmp_path / "mine"), "--rows-per-shard", "4",
-                 "--json-short-caption-key", "short", "--workers", "1", "--quiet", "--phase-res", "64", "--patch", "8"])
+    code = main(["--input", str(tmp_path / "photos"), "--output", str(tmp_path / "mine" / "raw"), "--quiet",
+                 "--rows-per-shard", "4", "--json-short-caption-key", "short", "--workers", "1",
+                 "--phase-res", "64", "--patch", "8"])                # the phase goes beside raw/: mine/64
     assert code == 0, capsys.readouterr()
     index = open_index(tmp_path / "mine" / "64" / "bucket_index.safetensors", tmp_path / "mine" / "64")
     assert len(index.rows) == VALID
@@ -517,11 +518,20 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_same_output(tmp_path):
+def test_worker_processes_give_the_same_output(tmp_path, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sd3.data import importer
+
     make_folder(tmp_path / "photos")
+    monkeypatch.setattr(importer, "WINDOW_PER_WORKER", 2)          # full windows: the pool is used
+    started = []
+    monkeypatch.setattr(importer, "ProcessPoolExecutor",
+                        lambda *a, **k: started.append(1) or ProcessPoolExecutor(*a, **k))
     import_images(tmp_path / "photos", tmp_path / "one", ImportOptions(rows_per_shard=4), progress=False)
     import_images(tmp_path / "photos", tmp_path / "two", ImportOptions(rows_per_shard=4, workers=2), progress=False)
     assert _snapshot(tmp_path / "one") == _snapshot(tmp_path / "two")
+    assert started == [1]
 
 
 # --------------------------------------------------------------------------------------------------

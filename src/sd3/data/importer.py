@@ -92,6 +92,8 @@ EMPTY_IMAGE = "empty image"
 UNDECODABLE = "undecodable image"
 
 _GROUP_ROWS = 256
+WINDOW_PER_WORKER = 64
+"""Items read ahead per checking process: what is in memory besides the row group being written."""
 _GROUP_BYTES = 64 << 20  # a row group is written when either bound is reached: memory stays bounded
 
 
@@ -778,13 +780,15 @@ class _Checker:
     """check_image over a list, in this process or a pool of spawned ones (order kept)."""
 
     def __init__(self, workers: int):
-        self.pool = None
-        if workers > 1:
-            # spawn: workers start clean (no inherited threads or locks from the parent)
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pool: ProcessPoolExecutor | None = None
         self.workers = workers
 
-    def __call__(self, datas: Sequence[bytes | None]) -> list[tuple[int, int] | str]:
+    def __call__(self, datas: Sequence[bytes | None], *, full: bool) -> list[tuple[int, int] | str]:
+        """full: the window was full. The pool starts with the first full window: an input smaller
+        than one window is checked here, without paying for worker start-up (each imports torch)."""
+        if full and self.workers > 1 and self.pool is None:
+            # spawn: workers start clean (no inherited threads or locks from the parent)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         if self.pool is None or len(datas) < 2:
             return [check_image(d) for d in datas]
         return list(self.pool.map(check_image, datas, chunksize=max(1, len(datas) // (4 * self.workers))))
@@ -1041,11 +1045,12 @@ def import_images(input_path: str | Path, output_dir: str | Path, opts: ImportOp
 
     bar = tqdm(total=source.total, initial=stats.rows_in, unit="img", desc="import", disable=None if progress else True)
     try:
-        for window in _windows(source.items(resume.unit, resume.index), 64 * opts.workers):
+        window_size = WINDOW_PER_WORKER * opts.workers
+        for window in _windows(source.items(resume.unit, resume.index), window_size):
             items = [x for x in window if isinstance(x, Item)]
             todo = [x for x in items if not x.problem and x.image
                     and (x.caption or x.short or opts.missing_caption == "empty")]
-            for x, size in zip(todo, check([x.image for x in todo])):
+            for x, size in zip(todo, check([x.image for x in todo], full=len(window) == window_size)):
                 x.size = size
             for x in window:
                 if isinstance(x, UnitFailure):
