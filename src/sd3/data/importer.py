@@ -25,8 +25,9 @@ decoding the image), `aspect_ratio` (width / height), `id`, then carried columns
 column of parquet and hf inputs; `url` from img2dataset's json). No `bucket_size`: create_phase writes it.
 
 Every input item is read in one fixed order (sorted paths; tar members in order; rows in order) and
-checked; a skipped item counts once, under the first reason found: unreadable file, missing caption
-(unless `missing_caption='empty'`), empty image, undecodable image (truncated, not an image, ...). An
+checked; a skipped item counts once, under the first reason found: unreadable file or caption file, no
+image (a tar sample without one), missing caption (unless `missing_caption='empty'`), empty image,
+undecodable image (truncated, not an image, ...). An
 input that cannot be read at all (a broken tar or parquet footer) is listed in the report; the others
 go on, and what it yielded before breaking is kept.
 
@@ -83,18 +84,19 @@ SHORT_CAPTION_COLUMNS = ("recaption_short", "short_caption", "caption_short")
 WRITTEN = ("image", "recaption", "recaption_short", "height", "width", "aspect_ratio", "bucket_size", "id")
 """Columns this importer writes (or leaves to create_phase): input columns of these names are not carried."""
 
-# Skip reasons, in the order they are checked.
+# Skip reasons, in the order they are checked (an item counts once, under the first that applies).
 UNREADABLE = "unreadable file"
 BAD_CAPTION_FILE = "unreadable caption file"
-MISSING_CAPTION = "missing caption"
 NO_IMAGE = "no image"
+MISSING_CAPTION = "missing caption"
 EMPTY_IMAGE = "empty image"
 UNDECODABLE = "undecodable image"
 
+# Memory bounds: a row group is written at whichever comes first, and the checking processes get
+# WINDOW_PER_WORKER items each at a time; nothing else holds image bytes.
 _GROUP_ROWS = 256
+_GROUP_BYTES = 64 << 20
 WINDOW_PER_WORKER = 64
-"""Items read ahead per checking process: what is in memory besides the row group being written."""
-_GROUP_BYTES = 64 << 20  # a row group is written when either bound is reached: memory stays bounded
 
 
 @dataclass(frozen=True)
