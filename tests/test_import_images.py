@@ -524,7 +524,8 @@ def test_worker_processes_give_the_same_output(tmp_path, monkeypatch):
     from sd3.data import importer
 
     make_folder(tmp_path / "photos")
-    monkeypatch.setattr(importer, "WINDOW_PER_WORKER", 2)          # full windows: the pool is used
+    monkeypatch.setattr(importer, "WINDOW_PER_WORKER", 2)          # several windows, and the pool from the
+    monkeypatch.setattr(importer, "POOL_AFTER_ITEMS", 3)           # second one on
     started = []
     monkeypatch.setattr(importer, "ProcessPoolExecutor",
                         lambda *a, **k: started.append(1) or ProcessPoolExecutor(*a, **k))

@@ -97,6 +97,8 @@ UNDECODABLE = "undecodable image"
 _GROUP_ROWS = 256
 _GROUP_BYTES = 64 << 20
 WINDOW_PER_WORKER = 64
+POOL_AFTER_ITEMS = 2000
+"""Images checked in this process before the worker processes start (see _Checker)."""
 
 
 @dataclass(frozen=True)
@@ -784,11 +786,14 @@ class _Checker:
     def __init__(self, workers: int):
         self.pool: ProcessPoolExecutor | None = None
         self.workers = workers
+        self.checked = 0
 
-    def __call__(self, datas: Sequence[bytes | None], *, full: bool) -> list[tuple[int, int] | str]:
-        """full: the window was full. The pool starts with the first full window: an input smaller
-        than one window is checked here, without paying for worker start-up (each imports torch)."""
-        if full and self.workers > 1 and self.pool is None:
+    def __call__(self, datas: Sequence[bytes | None]) -> list[tuple[int, int] | str]:
+        """The pool starts once POOL_AFTER_ITEMS were checked here: a small import does not pay for the
+        workers' start-up (each imports torch: 2-10 s measured on a busy 2-core machine, more than
+        checking 1,000 images takes in one process; tests/benchmarks/bench_import.py)."""
+        self.checked += len(datas)
+        if self.checked > POOL_AFTER_ITEMS and self.workers > 1 and self.pool is None:
             # spawn: workers start clean (no inherited threads or locks from the parent)
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         if self.pool is None or len(datas) < 2:
@@ -1047,12 +1052,11 @@ def import_images(input_path: str | Path, output_dir: str | Path, opts: ImportOp
 
     bar = tqdm(total=source.total, initial=stats.rows_in, unit="img", desc="import", disable=None if progress else True)
     try:
-        window_size = WINDOW_PER_WORKER * opts.workers
-        for window in _windows(source.items(resume.unit, resume.index), window_size):
+        for window in _windows(source.items(resume.unit, resume.index), WINDOW_PER_WORKER * opts.workers):
             items = [x for x in window if isinstance(x, Item)]
             todo = [x for x in items if not x.problem and x.image
                     and (x.caption or x.short or opts.missing_caption == "empty")]
-            for x, size in zip(todo, check([x.image for x in todo], full=len(window) == window_size)):
+            for x, size in zip(todo, check([x.image for x in todo])):
                 x.size = size
             for x in window:
                 if isinstance(x, UnitFailure):
