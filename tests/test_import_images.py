@@ -6,6 +6,7 @@ run resumes to exactly the uninterrupted output; usage errors exit 2 with the fi
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import json
 import os
@@ -298,6 +299,15 @@ def test_webdataset_tars_streamed(tmp_path):
     key = ids["astronaut"].split("/")[1]
     assert rows[0]["url"] == f"https://example.com/{key}"              # carried from img2dataset's json
 
+    # gzip-compressed shards read the same
+    (tmp_path / "gz").mkdir()
+    for tar in sorted((tmp_path / "wds").glob("*.tar")):
+        (tmp_path / "gz" / (tar.name + ".gz")).write_bytes(gzip.compress(tar.read_bytes()))
+    report = import_images(tmp_path / "gz", tmp_path / "raw-gz", opts, progress=False)
+    assert not report.failed and report.stats.skipped == {**EXPECTED_SKIPS, NO_IMAGE: 1}
+    assert_valid_rows(read_output(tmp_path / "raw-gz"), {n: i.replace(".tar/", ".tar.gz/") for n, i in ids.items()},
+                      short_given=True)
+
 
 def test_img2dataset_parquet(tmp_path):
     ids = make_img2dataset_parquet(tmp_path / "pq")
@@ -561,6 +571,13 @@ def test_usage_errors(tmp_path, capsys):
     make_img2dataset_parquet(tmp_path / "pq")
     err = _usage_error(capsys, ["--input", str(tmp_path / "pq"), "--output", out, "--caption-column", "caption"])
     assert "unknown column 'caption'" in err and "txt (string)" in err and "jpg (binary)" in err
+
+    assert "folder of their own" in _usage_error(capsys, ["--input", str(tmp_path / "pq"), "--output",
+                                                          str(tmp_path / "pq")])
+    # an output folder inside the input is not read as input
+    assert main(["--input", str(tmp_path / "pq"), "--output", str(tmp_path / "pq" / "raw"), "--quiet"]) == 0
+    assert main(["--input", str(tmp_path / "pq"), "--output", str(tmp_path / "pq" / "raw"), "--quiet"]) == 0
+    assert "0 now, 1 already done" in capsys.readouterr().out
 
     (tmp_path / "pq" / "photo.jpg").write_bytes(samples()[0].data)
     assert "--kind" in _usage_error(capsys, ["--input", str(tmp_path / "pq"), "--output", out])

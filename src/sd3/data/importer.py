@@ -1034,6 +1034,8 @@ def import_images(input_path: str | Path, output_dir: str | Path, opts: ImportOp
     opts = opts or ImportOptions()
     opts.validate()
     out_dir = Path(output_dir)
+    if out_dir.resolve() == Path(input_path).resolve():
+        raise DataError(f"--output {out_dir} is the --input folder: write the shards to a folder of their own")
     source = open_source(input_path, opts, exclude=out_dir)
     expected = fingerprint(source, opts)
     resume = finished_shards(out_dir, expected)
