@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"import_images: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("import_images: interrupted; finished shards are kept: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     print(report)
     status = 1 if report.failed else 0
     if args.phase_res is None:
