@@ -264,3 +264,104 @@ def test_forward_and_backward_have_no_host_sync(cfg, backend):
     with use_kernels(**stand_ins()), torch.autocast("cpu", torch.bfloat16), HostSyncs() as syncs:
         model(**x).float().square().mean().backward()
     assert syncs.ops == []
+
+
+# --- the training step -------------------------------------------------------------------------------
+
+
+def step_setup(cfg, *, accumulation=2, precision="bf16"):
+    from sd3.batch import Batch
+    from sd3.config import preset
+    from sd3.optim import build_optimizer
+
+    run = preset("tiny")
+    run.model = dataclasses.replace(cfg, in_channels=4)
+    run.train.accumulation_steps, run.train.precision = accumulation, precision
+    run.flow.p_drop_text = (0.3, 0.3)
+    model = perturbed(run.model)
+    optimizer = build_optimizer(model, run.train)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(step):
+        x = inputs(run.model, B=4, real=[[5, 2, 0, 4], [7, 3, 6, 0]], seed=step)
+        return Batch(latents=torch.randn(4, 4, 8, 8, generator=g), text=x["text"], text_mask=x["text_mask"],
+                     pooled=x["pooled"], step=step, rows=torch.arange(4))
+
+    return run, model, optimizer, batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_step_has_no_host_sync(cfg, backend):
+    """A whole optimizer step (two micro-batches, clipping, the skip decision, AdamW) never waits for
+    the device: the loss, gradient norm and skip flag stay on it."""
+    from sd3.trainer import train_step
+
+    run, model, optimizer, batch = step_setup(dataclasses.replace(cfg, attn_backend=backend))
+    batches = iter([batch(0), batch(1)])
+    with use_kernels(**stand_ins()), HostSyncs() as syncs:
+        result = train_step(model, optimizer, batches, step=0, cfg=run, rank_index=0, device=torch.device("cpu"))
+    assert syncs.ops == []
+    assert torch.isfinite(result.loss) and not result.skipped
+
+
+def test_a_non_finite_gradient_skips_the_update_on_the_device(cfg):
+    from sd3.trainer import train_step
+
+    run, model, optimizer, batch = step_setup(cfg, accumulation=1, precision="fp32")
+    train_step(model, optimizer, iter([batch(0)]), step=0, cfg=run, rank_index=0, device=torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
+    poisoned = batch(1)
+    poisoned.latents[0, 0, 0, 0] = float("nan")
+    result = train_step(model, optimizer, iter([poisoned]), step=1, cfg=run, rank_index=0,
+                        device=torch.device("cpu"))
+    assert bool(result.skipped)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    after = optimizer.state[next(model.parameters())]
+    assert all(torch.equal(after[k], v) for k, v in state.items())   # moments and step count untouched
+    result = train_step(model, optimizer, iter([batch(2)]), step=2, cfg=run, rank_index=0,
+                        device=torch.device("cpu"))
+    assert not bool(result.skipped) and int(optimizer.state[next(model.parameters())]["step"]) == 2
+
+
+# --- compile --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_backward_compile_as_one_graph(cfg, backend):
+    """`fullgraph=True` turns any graph break (a host sync, a data-dependent shape, an untraceable call)
+    into an error. The graph check is dynamo's, whatever compiles the graph after it: AOT autograd
+    without code generation (`aot_eager`) traces the backward too, at a fraction of inductor's compile
+    time; inductor itself is exercised by the compiled training run in test_train.py."""
+    torch._dynamo.reset()
+    model = with_backend(perturbed(dataclasses.replace(cfg, depth=2)), backend)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = inputs(cfg, real=CAPTIONS["dropped"])
+    with use_kernels(**stand_ins()), torch.autocast("cpu", torch.bfloat16):
+        out = compiled(**x)
+        ref = model(**x)
+    out.float().square().mean().backward()
+    torch.testing.assert_close(out.float(), ref.float())
+
+
+def test_checkpoint_keys_do_not_depend_on_wrappers(cfg):
+    """What the trainer saves (the plain model's state_dict) has the same keys with activation
+    checkpointing, compile and DDP applied as without: any checkpoint loads into any setup."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sd3.config import TrainConfig
+    from sd3.parallel import parallelize
+
+    plain = set(MMDiT(cfg).state_dict())
+    model = MMDiT(cfg)
+    wrapped = parallelize(model, TrainConfig(activation_checkpointing=True, compile=True), group=None,
+                          device=torch.device("cpu"))
+    assert wrapped is model and set(model.state_dict()) == plain
+    assert all(type(b).__name__ == "CheckpointWrapper" and b._compiled_call_impl is not None for b in model.blocks)
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        assert set(ddp.module.state_dict()) == plain
+    finally:
+        torch.distributed.destroy_process_group()

@@ -47,15 +47,16 @@ def make_grid(images: list[Image.Image], columns: int | None = None, pad: int = 
 @torch.no_grad()
 def generate_latents(model: MMDiT, *, cond: Cond, uncond: Cond | None, width: int, height: int,
                      latent_factor: int, steps: int, cfg: float, sampler: str, seed: int, shift: float = 1.0,
-                     on_step=None) -> Tensor:
-    """Latents (B, C, H/f, W/f) for `cond` (B prompts), from noise seeded by `seed`."""
+                     precision: str | None = None, on_step=None) -> Tensor:
+    """Latents (B, C, H/f, W/f) for `cond` (B prompts), from noise seeded by `seed`. `precision`: 'bf16'
+    (autocast) or 'fp32'; by default bf16 on CUDA and fp32 elsewhere."""
     check_image_size(model.cfg, latent_factor, width, height)
     device = next(model.parameters()).device
     B = cond.pooled.shape[0]
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(B, model.cfg.in_channels, height // latent_factor, width // latent_factor, generator=g)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         return sample(model, noise=noise.to(device), cond=cond, uncond=uncond, steps=steps, cfg_scale=cfg,
                       sampler=sampler, shift=shift, generator=torch.Generator(device=device).manual_seed(seed + 1),
                       on_step=on_step)

@@ -26,6 +26,8 @@ class Runtime:
     ctrl_group: dist.ProcessGroup | None
     """Every rank, always gloo: the start handshake and stop requests travel here on the CPU, apart
     from the data (an NCCL receive posted for a message that comes late would block the data stream)."""
+    model_ctrl_group: dist.ProcessGroup | None = None
+    """The model ranks, always gloo: the per-step stop vote, on CPU tensors (never a GPU sync)."""
 
     @property
     def distributed(self) -> bool:
@@ -63,7 +65,7 @@ def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.train.device, local_rank)
     if ranks.world_size == 1:
-        return Runtime(rank, 1, local_rank, device, ranks, None, None)
+        return Runtime(rank, 1, local_rank, device, ranks, None, None, None)
     backend = cfg.ranks.backend if cfg.ranks.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError("ranks.backend='nccl' needs CUDA; use --ranks.backend=gloo on CPU")
@@ -72,7 +74,8 @@ def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
     # Every rank creates every group, in this order: a rank that skipped one would hang the job.
     model_group = dist.new_group(list(ranks.model_ranks))
     ctrl_group = dist.new_group(list(range(ranks.world_size)), backend="gloo")
-    return Runtime(rank, ranks.world_size, local_rank, device, ranks, model_group, ctrl_group)
+    model_ctrl_group = dist.new_group(list(ranks.model_ranks), backend="gloo")
+    return Runtime(rank, ranks.world_size, local_rank, device, ranks, model_group, ctrl_group, model_ctrl_group)
 
 
 class StopSignal:

@@ -45,24 +45,31 @@ PREEMPTED = "PREEMPTED"  # marker the SLURM script reads: the run stopped early 
 @dataclass
 class StepResult:
     loss: Tensor
-    """Mean loss over the micro-batches (this rank), detached."""
+    """Mean loss over the micro-batches (this rank), detached, on the device."""
     per_sample: Tensor
     t: Tensor
     grad_norm: Tensor
     lr: float
     samples: int
     flops: float
-    finite: bool
-    """False when the gradient was not finite and the update was skipped."""
+    skipped: Tensor
+    """() bool on the device: the gradient was not finite and the update was skipped."""
 
 
-def autocast_for(cfg: Config, device: torch.device):
-    enabled = device.type == "cuda" and cfg.train.precision == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast (fp32 master weights) on any device, CPU included, when `precision` is 'bf16'."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def cond_of(batch: Batch) -> Cond:
     return Cond(text=batch.text, text_mask=batch.text_mask, pooled=batch.pooled)
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor on `device` without a host sync: a pinned, non-blocking copy on CUDA."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index: int,
@@ -70,7 +77,8 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
     """Optimizer step `step` (0-based) over the next `accumulation_steps` batches of `batches`.
 
     Gradients are synchronised only on the last micro-batch (DDP's no_sync before it). Every random
-    draw comes from a generator of (seed, batch.step, rank), so the step is reproducible."""
+    draw comes from a generator of (seed, batch.step, rank), so the step is reproducible. Nothing here
+    waits for the device: the loss, gradient norm and skip flag stay on it until a log step reads them."""
     n = cfg.train.accumulation_steps
     losses, per_sample, ts = [], [], []
     samples, flops = 0, 0.0
@@ -81,9 +89,9 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
         generator = step_generator(cfg.train.seed, batch.step, rank_index, device)
         keep = dropout_keep(cfg.flow, seed=cfg.train.seed, step=batch.step, rank=rank_index, batch_size=batch.size)
         with sync:
-            with autocast_for(cfg, device):
+            with autocast_for(cfg.train.precision, device):
                 out = flow_loss(model, x0=batch.latents, cond=cond_of(batch), cfg=cfg.flow,
-                                patch_size=cfg.model.patch_size, generator=generator, keep=keep)
+                                patch_size=cfg.model.patch_size, generator=generator, keep=to_device(keep, device))
             (out.loss / n).backward()
         losses.append(out.loss.detach())
         per_sample.append(out.per_sample)
@@ -96,15 +104,17 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
         raise RuntimeError(f"the data ended inside optimizer step {step} ({len(losses)} of {n} micro-batches)")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     # A non-finite gradient (the same on every rank after the all-reduce) skips the update instead of
-    # poisoning the weights and the optimizer state (MicroDiT's NaN catcher does the same).
-    finite = bool(torch.isfinite(grad_norm))
+    # poisoning the weights and the optimizer state (MicroDiT's NaN catcher does the same). The fused
+    # AdamW skips on the device when `found_inf` is set (as for GradScaler), moments and step count
+    # included: no host sync to decide.
+    skipped = ~torch.isfinite(grad_norm.detach())
+    optimizer.found_inf = skipped.float()
     lr = lr_at(step, cfg.train)
-    if finite:
-        set_lr(optimizer, lr)
-        optimizer.step()
+    set_lr(optimizer, lr)
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=torch.stack(losses).mean(), per_sample=torch.cat(per_sample), t=torch.cat(ts),
-                      grad_norm=grad_norm.detach(), lr=lr, samples=samples, flops=flops, finite=finite)
+                      grad_norm=grad_norm.detach(), lr=lr, samples=samples, flops=flops, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,17 +125,18 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
 class StopVote:
     """Model ranks stop after the same step. Each step's local request is all-reduced (MAX) without
     blocking and read one step later, so no rank waits for it and a signal that reaches the ranks at
-    different moments still stops them together."""
+    different moments still stops them together. It travels on a gloo group of CPU tensors: reading it
+    never waits for the GPU."""
 
-    def __init__(self, group, device: torch.device):
-        self.group, self.device = group, device
+    def __init__(self, group):
+        self.group = group
         self._pending: tuple | None = None
 
     def __call__(self, requested: bool) -> bool:
         if self.group is None:
             return requested
         decided = self.close()
-        flag = torch.tensor([int(requested)], device=self.device)
+        flag = torch.tensor([int(requested)])
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return decided
 
@@ -169,7 +180,7 @@ def validation_loss(model: MMDiT, batches: list[Batch], cfg: Config, device: tor
         x1 = torch.randn(batch.latents.shape, generator=g).to(device)
         losses = []
         for t in ts:
-            with autocast_for(cfg, device):
+            with autocast_for(cfg.train.precision, device):
                 out = flow_loss(model, x0=batch.latents, cond=cond_of(batch), cfg=cfg.flow, patch_size=p,
                                 generator=None, t=torch.full((batch.size,), float(t), device=device), x1=x1)
             losses.append(out.per_sample.sum())
@@ -183,11 +194,14 @@ def validation_loss(model: MMDiT, batches: list[Batch], cfg: Config, device: tor
 
 
 def sample_grid(model: MMDiT, prompts: Batch, ae, cfg: Config, path: Path) -> Path:
-    """Sample every prompt at max_res x max_res with the configured sampler settings; save a grid."""
+    """Sample every prompt at max_res x max_res with the configured sampler settings and the schedule
+    shift training used at that size; save a grid."""
     cond = cond_of(prompts.to(next(model.parameters()).device))
-    latents = generate_latents(model, cond=cond, uncond=None, width=cfg.model.max_res, height=cfg.model.max_res,
-                               latent_factor=ae.factor, steps=cfg.log.sample_steps, cfg=cfg.log.sample_cfg,
-                               sampler="euler", seed=cfg.train.seed)
+    res, p = cfg.model.max_res, cfg.model.patch_size
+    shift = shift_for(cfg.flow, (res // ae.factor // p) ** 2)
+    latents = generate_latents(model, cond=cond, uncond=None, width=res, height=res, latent_factor=ae.factor,
+                               steps=cfg.log.sample_steps, cfg=cfg.log.sample_cfg, sampler="euler",
+                               seed=cfg.train.seed, shift=shift, precision=cfg.train.precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(to_pil(ae.decode(latents))).save(path)
     return path
@@ -248,16 +262,16 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
 
     def save(step: int, blocking: bool = False) -> Path:
         train_state = {"step": step, "optimizer": optimizer.state_dict(), "wandb_id": logger.run_id or "",
-                       "rng": torch.get_rng_state(), "skipped": skipped}
+                       "rng": torch.get_rng_state(), "skipped": int(skipped)}
         return writer.save(step, model=model, ema_state=ema.state_dict(), cfg=cfg, train_state=train_state,
                            blocking=blocking)
 
     print0(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {n_model} model rank(s), "
            f"steps {start_step} -> {total}, {cfg.data.batch_size} x {n_model} x {cfg.train.accumulation_steps} "
            f"samples per optimizer step")
-    vote = StopVote(rt.model_group, device)
+    vote = StopVote(rt.model_ctrl_group)
     bins = TimeBins(device=device)
-    skipped = int(state.get("skipped", 0))
+    skipped = torch.tensor(int(state.get("skipped", 0)), device=device)  # read at log and save steps only
     # Accumulated between log steps; the loss stays on the device (no host sync per step).
     window = torch.zeros(5, dtype=torch.float64)  # loss sum (filled at log time), steps, samples, flops, wait
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -273,7 +287,7 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
         result = train_step(train_model, optimizer, batches, step=step, cfg=cfg, rank_index=rank_index, device=device)
         step += 1
         ema.update(step)
-        skipped += not result.finite
+        skipped += result.skipped
         loss_sum += result.loss
         window += torch.tensor([0.0, 1, result.samples, result.flops, 0.0], dtype=torch.float64)
         bins.add(result.t, result.per_sample)
@@ -294,7 +308,7 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
             metrics = {
                 "loss": total_loss / steps, "lr": result.lr, "grad_norm": float(result.grad_norm),
                 "images_per_s": samples / elapsed, "mfu": mfu(flops / elapsed, cfg.log.peak_tflops, n_model),
-                "data_wait": wait / (elapsed * n_model), "skipped_steps": skipped,
+                "data_wait": wait / (elapsed * n_model), "skipped_steps": int(skipped),
                 "loader_encode_ms": 1e3 * enc_s / max(n_batches, 1),
                 "wire_mb_per_step": nbytes / 1e6 / max(steps / n_model, 1),
                 "corrupt_rows": float(source.stats.get("corrupt", 0)),  # so far, by this rank's loader
