@@ -4,7 +4,9 @@ Every test starts real `torchrun` processes and puts a hard timeout around them.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,11 +50,16 @@ def weights(run_dir: Path, name="model.safetensors") -> dict:
     return load_file(list_checkpoints(run_dir)[-1][1] / name)
 
 
-def test_loader_feeds_two_model_ranks_and_resume_is_the_same_run(tiny_args, tmp_path):
-    """1 loader + 2 DDP model ranks. 4 straight steps == 2 steps, then --resume auto for 2 more."""
-    common = ["--train.accumulation_steps=2", "--train.ema_every=1", "--train.activation_checkpointing=true"]
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_loader_feeds_two_model_ranks_and_resume_is_the_same_run(tiny_args, tmp_path, precision):
+    """1 loader + 2 DDP model ranks. 4 straight steps == 2 steps, then --resume auto for 2 more. In bf16
+    (CPU autocast, bf16 encoders: what a GPU run does) as in fp32."""
+    common = ["--train.accumulation_steps=2", "--train.ema_every=1", "--train.activation_checkpointing=true",
+              f"--train.precision={precision}", f"--encoders.dtype={'bfloat16' if precision == 'bf16' else 'float32'}"]
     rc, out = run(tiny_args(tmp_path / "straight", "--steps", "4", *common))
     assert rc == 0, out[-3000:]
+    losses = [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([0-9.]+)", out, flags=re.M)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
     assert "loader 0 -> model ranks 1, 2 (DDP ranks 0, 1)" in out
     assert "4 x 2 x 2 samples per optimizer step" in out          # batch per rank x model ranks x accumulation
     assert "data wait" in out and "MB/step" in out

@@ -1,5 +1,6 @@
 """Single-process training end to end: the run, exact resume, init_from, infer.py and the notebook."""
 
+import math
 import re
 import subprocess
 import sys
@@ -160,3 +161,48 @@ def test_wandb_offline_run_is_continued_on_resume(tiny_args, tmp_path, monkeypat
     assert first and list((run / "wandb").glob(f"offline-run-*-{first}"))
     assert train.main(tiny_args(run, "--steps", "3", "--log.wandb=true", "--resume", "auto")) == 0
     assert load_train_state(list_checkpoints(run)[-1][1])["wandb_id"] == first
+
+
+BF16 = ["--train.precision=bf16", "--encoders.dtype=bfloat16"]
+
+
+def test_bf16_trains_on_the_cpu_and_resumes_exactly(tiny_args, tmp_path, capsys):
+    """`--train.precision=bf16` on a CPU device runs bf16 autocast (model, loss, EMA, validation, the
+    sample grid) with bf16 encoders: finite losses that fall, and a resume that is the same run."""
+    # A constant schedule: the first leg stops at step 4 by its own --steps, which would change a cosine.
+    common = ["--train.lr=3e-3", "--train.schedule=constant", "--train.accumulation_steps=2", "--data.val_rows=4",
+              "--log.val_every=8", *BF16]
+    assert train.main(tiny_args(tmp_path / "straight", "--steps", "8", *common)) == 0
+    out = capsys.readouterr().out
+    straight = losses_of(out)
+    assert len(straight) == 8 and all(math.isfinite(x) for x in straight)
+    assert sum(straight[-3:]) < 0.9 * sum(straight[:3]), straight
+    assert "validation loss" in out
+    assert train.main(tiny_args(tmp_path / "split", "--steps", "4", *common)) == 0
+    first = losses_of(capsys.readouterr().out)
+    assert train.main(tiny_args(tmp_path / "split", "--steps", "8", "--resume", "auto", *common)) == 0
+    assert first + losses_of(capsys.readouterr().out) == straight
+    a, b = list_checkpoints(tmp_path / "straight")[-1][1], list_checkpoints(tmp_path / "split")[-1][1]
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_checkpoints_that_resume_and_sample(tiny_args, tmp_path, capsys):
+    """`--train.compile=true` (inductor, per block, bf16): its checkpoints have the plain model's keys, so
+    resume (compiled again) and `infer.py --raw` (not compiled) load them."""
+    run = tmp_path / "run"
+    compiled = ["--train.compile=true", "--train.activation_checkpointing=true", *BF16]
+    assert train.main(tiny_args(run, "--steps", "3", *compiled)) == 0
+    losses = losses_of(capsys.readouterr().out)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    keys = set(weights(list_checkpoints(run)[-1][1], "model.safetensors"))
+    assert not any("_orig_mod" in k or "_checkpoint_wrapped" in k for k in keys)
+    assert train.main(tiny_args(run, "--steps", "4", "--resume", "auto", *compiled)) == 0
+    assert "resuming from" in capsys.readouterr().out
+    sample = subprocess.run([sys.executable, "infer.py", "--ckpt", str(run), "--raw", "--prompt", "a cat",
+                             "--steps", "2", "--out", str(tmp_path / "s")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr
+    assert (tmp_path / "s" / "grid.png").exists()

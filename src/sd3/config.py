@@ -84,7 +84,8 @@ class EncoderConfig:
     max_tokens: int = 77
     """Captions are truncated to this many tokens per encoder (right padding)."""
     dtype: str = "bfloat16"
-    """Encoder weights dtype on CUDA ('bfloat16', 'float16', 'float32'); always float32 on CPU."""
+    """Encoder weights and outputs dtype ('bfloat16', 'float16', 'float32'), on any device (the pixel
+    autoencoder has no weights and always works in float32)."""
     create_tiny: bool = False
     """Create random-init stand-in encoders at the paths above when they are missing (demo and tests
     only: they make the pipeline run, not good images)."""
@@ -169,7 +170,7 @@ class TrainConfig:
     ema_device: str = "model"
     """Where the EMA weights live: 'model' (the model's device) or 'cpu'."""
     precision: str = "bf16"
-    """'bf16' autocast on CUDA (fp32 master weights) or 'fp32'. CPU always runs fp32."""
+    """'bf16' autocast (fp32 master weights), on CUDA and on the CPU alike, or 'fp32'."""
     activation_checkpointing: bool = True
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
     compile: bool = False
@@ -256,7 +257,9 @@ class Config:
         """Cross-field checks that must hold before any heavy work. Returns self."""
         m, e, f, t, d = self.model, self.encoders, self.flow, self.train, self.data
         _choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
-        _choice("model.attn_backend", m.attn_backend, ("auto", "sdpa", "flash", "xformers"))
+        from sd3.model.attention import BACKENDS
+
+        _choice("model.attn_backend", m.attn_backend, BACKENDS)
         _choice("flow.t_sampling", f.t_sampling, ("logit_normal", "uniform"))
         _choice("train.schedule", t.schedule, ("constant", "cosine"))
         _choice("train.precision", t.precision, ("bf16", "fp32"))
@@ -355,7 +358,7 @@ def _tiny() -> Config:
     cfg.encoders = EncoderConfig(
         vae="pixel", vae_subfolder="", pixel_factor=4,
         text=("data/tiny_encoders/gemma", "data/tiny_encoders/bert"),
-        pooled="data/tiny_encoders/clip", max_tokens=77, create_tiny=True,
+        pooled="data/tiny_encoders/clip", max_tokens=77, create_tiny=True, dtype="float32",
     )
     cfg.data = DataConfig(
         dataset="data/demo/64", batch_size=8, decode_workers=2, prefetch=2, create_demo=True, val_rows=16,

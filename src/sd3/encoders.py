@@ -13,7 +13,7 @@ to the longest caption of the batch (`padding="longest"`), so a caption encodes 
 beside a longer one, and nothing is padded to 77 tokens or across channels.
 
 Everything here is frozen (eval mode, no gradients, forward passes under `torch.inference_mode`) and
-runs in `encoders.dtype` on CUDA, float32 on CPU. Outputs stay in that dtype (bf16 halves the bytes a
+runs in `encoders.dtype`. Outputs stay in that dtype (bf16 halves the bytes a
 loader sends) and are ordinary tensors, not inference tensors, so a colocated trainer can feed them to
 a model that records gradients.
 """
@@ -44,8 +44,8 @@ _STAND_IN_HINT = "or pass --encoders.create_tiny=true for random-init stand-ins 
 
 
 def encoder_dtype(cfg: EncoderConfig, device: torch.device | str) -> torch.dtype:
-    """`cfg.dtype` on CUDA; float32 elsewhere (bf16 on CPU is slow and needlessly inexact)."""
-    return getattr(torch, cfg.dtype) if torch.device(device).type == "cuda" else torch.float32
+    """`cfg.dtype`, on every device: a CPU run with bfloat16 encoders exercises the GPU path's dtypes."""
+    return getattr(torch, cfg.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

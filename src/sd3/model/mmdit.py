@@ -92,8 +92,10 @@ class TextEmbedder(nn.Module):
         self.proj = nn.Linear(in_dim, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The scalar folds into the norm's weight: one pass over the (wide) token states instead of two.
-        return self.proj(F.rms_norm(x, (x.shape[-1],), self.norm.weight * self.scale, self.norm.eps))  # (B, L_i, D)
+        # The scalar folds into the norm's weight: one pass over the (wide) token states instead of two. The
+        # norm runs in fp32 whatever the encoder's dtype (bf16 states, Gemma's in the hundreds).
+        x = F.rms_norm(x.float(), (x.shape[-1],), self.norm.weight * self.scale, self.norm.eps)
+        return self.proj(x)                                                      # (B, L_i, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -116,7 +118,7 @@ class PooledEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, pooled: Tensor) -> Tensor:
-        return self.mlp(pooled)  # (B, D)
+        return self.mlp(pooled.float())  # (B, D)
 
 
 # ---------------------------------------------------------------------------------------------------
