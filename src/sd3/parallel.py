@@ -24,9 +24,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block on its own (one graph reused by every block, short compile times)."""
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block)
+    """Compile each block on its own (one graph reused by every block, short compile times).
+
+    `Module.compile` compiles in place: the module stays where it is, so parameter names and state_dict
+    keys are those of the uncompiled model (wrapping it in `torch.compile(block)` would prefix every key
+    with `_orig_mod.` and make the checkpoints unloadable without compile)."""
+    for block in model.blocks:
+        block.compile()
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup | None,
