@@ -140,6 +140,25 @@ def test_jpeg_header_parsing_picks_what_nvjpeg_can_decode():
     assert jpeg_components(b"\xff\xd8" + b"\x00" * 20) is None
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_of_device_decodes_matches_the_cpu_path(orientation):
+    """nvjpeg ignores EXIF: `orient` applies it after the GPU decode. Checked against the same decoder
+    with its own EXIF handling (torchvision on the CPU), for all eight orientations of a non-square image."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from sd3.data.images import exif_orientation, orient
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(RGB.crop((0, 0, 40, 24)), "JPEG", exif=exif.tobytes())
+    raw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    expected = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                           apply_exif_orientation=True)
+    assert exif_orientation(data) == orientation
+    assert torch.equal(orient(raw, exif_orientation(data)), expected)
+    assert torch.equal(expected, decode_rgb(data))                # and the CPU path agrees
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_jpeg_batch_decode_matches_cpu_and_survives_a_corrupt_image():

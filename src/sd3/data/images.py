@@ -184,19 +184,42 @@ def gpu_decodable(data: bytes | None) -> bool:
 
 def decode_jpegs_on_device(datas: Sequence[bytes], device: torch.device | str) -> list[Tensor | None]:
     """Decode JPEGs on a CUDA device in one batched call: a list of (3, H, W) uint8 on `device`,
-    None where an image failed (the caller decodes those on the CPU or replaces them).
+    None where an image failed (the caller decodes those on the CPU or replaces them). EXIF orientation
+    is applied as on the CPU path (nvjpeg ignores it: torchvision's CUDA decode has no such option).
 
     One corrupt JPEG makes the batched call raise, so a failed batch is retried image by image."""
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     if not tensors:
         return []
     try:
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+        decoded: list[Tensor | None] = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
-        out: list[Tensor | None] = []
+        decoded = []
         for t in tensors:
             try:
-                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
-                out.append(None)
-        return out
+                decoded.append(None)
+    return [None if img is None else orient(img, exif_orientation(d)) for img, d in zip(decoded, datas)]
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1-8; 1 = as stored) of encoded image bytes, from the header alone."""
+    try:
+        value = Image.open(io.BytesIO(data)).getexif().get(0x0112, 1)
+    except Exception:  # no readable EXIF: as stored, as the CPU path does
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(img: Tensor, orientation: int) -> Tensor:
+    """Apply an EXIF orientation to (C, H, W): what `ImageOps.exif_transpose` does to a PIL image
+    (EXIF 2.32 sec. 4.6.4, tag 0x0112: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90
+    clockwise, 7 transverse, 8 rotate 90 counter-clockwise)."""
+    if orientation in (5, 6, 7, 8):
+        img = img.transpose(-2, -1)                               # (C, W, H)
+    if orientation in (2, 3, 6, 7):
+        img = img.flip(-1)
+    if orientation in (3, 4, 7, 8):
+        img = img.flip(-2)
+    return img.contiguous()
