@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.distributed as dist
 
-from sd3.checkpoint import resolve_resume
+from sd3.checkpoint import find_checkpoint
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
 from sd3.metrics import log_rank, print0, set_main
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
@@ -67,7 +67,7 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
     so that every rank, loaders included, starts at the same step."""
     path = None
     if rt.ranks.is_model(rt.rank):
-        path = resolve_resume(args.resume, cfg.run_dir)
+        path = find_checkpoint(args.resume, cfg.run_dir)
     step = int(path.name.split("_")[-1]) if path is not None else 0
     if rt.distributed:
         agreed = torch.tensor([step])
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print0(ranks.describe())
     init_from = None
     if args.init_from:
-        init_from = resolve_resume(args.init_from, Path(args.init_from))
+        init_from = find_checkpoint(args.init_from, Path(args.init_from))
     start, resume = start_step_of(args, cfg, rt)
     if resume is not None:
         print0(f"resuming from {resume} (step {start})")

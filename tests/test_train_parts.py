@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 from sd3.checkpoint import (
     CheckpointError,
     CheckpointWriter,
+    find_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_config,
     load_train_state,
     load_weights,
-    resolve_resume,
 )
 from sd3.config import TrainConfig, preset
 from sd3.ema import EMA
@@ -97,10 +97,11 @@ def test_checkpoints_are_whole_pruned_and_reload(tmp_path, small_model_cfg):
     for step in (10, 20, 30):
         path = save_one(writer, model, step, cfg)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 30]
-    assert latest_checkpoint(tmp_path) == path == resolve_resume("auto", tmp_path)
-    assert resolve_resume(str(tmp_path), "elsewhere") == path  # a run directory means its latest
-    assert resolve_resume("auto", tmp_path / "empty") is None   # nothing to resume: a fresh start
-    assert sorted(os.listdir(path)) == ["config.json", "ema.safetensors", "model.safetensors", "train_state.pt"]
+    assert latest_checkpoint(tmp_path) == path == find_checkpoint("auto", tmp_path)
+    assert find_checkpoint(str(tmp_path), "elsewhere") == path  # a run directory means its latest
+    assert find_checkpoint("auto", tmp_path / "empty") is None   # nothing to resume: a fresh start
+    assert sorted(os.listdir(path)) == ["config.json", "ema.safetensors", "manifest.json", "model.safetensors",
+                                        "train_state.pt"]
     assert load_config(path) == cfg                     # the config travels with the weights
     state = load_train_state(path)                      # weights_only=True: no pickled code
     assert state["step"] == 30 and state["wandb_id"] == "abc" and "state" in state["optimizer"]
@@ -122,9 +123,9 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({}))
     with pytest.raises(CheckpointError, match=r"incomplete: missing model\.safetensors"):
-        resolve_resume(str(broken), tmp_path)
+        find_checkpoint(str(broken), tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
-        resolve_resume(str(tmp_path / "nope"), tmp_path)
+        find_checkpoint(str(tmp_path / "nope"), tmp_path)
 
 
 def test_validation_times_are_training_quantiles():

@@ -1,38 +1,60 @@
-"""Checkpoints: one directory per saved step, written whole or not at all.
+"""Checkpoints: one directory per saved step, written whole or not at all, verifiable on reload.
 
     <run_dir>/checkpoints/step_00001000/
         model.safetensors   the trained weights (fp32)
         ema.safetensors     the EMA weights (fp32): what inference uses
         config.json         the full resolved config: inference needs nothing else
-        train_state.pt      optimizer state, step, RNG, run ids (plain tensors and numbers:
+        train_state.pt      optimizer state, step, run ids (plain tensors and numbers:
                             loads with torch.load(weights_only=True))
+        manifest.json       written last: every other file's size and CRC-32
 
-A directory is written under a temporary name and renamed when every file is on disk, so a
-directory named step_* is always whole; the last `keep_last` are kept. Saving snapshots the state
-to CPU on the caller's thread (fast), then writes the files on a background thread so training
-goes on; `wait()` joins it (before the next save, and before exit).
+A directory is written under a hidden temporary name, fsynced and renamed when every file is on disk
+(`sd3.atomic`), so a directory named step_* is whole when it appears; the manifest then tells whether
+it is still whole later (a truncated copy, a damaged disk). CRC-32 runs at about 6 GB/s here, against
+0.33 GB/s for writing and fsyncing the same bytes: under 10% of a save (python zlib, measured on this
+project's 2-core machine).
+
+`--resume auto` walks back from the newest checkpoint to the newest one that verifies, saying which it
+skipped and why; a checkpoint named explicitly must verify or the run stops naming the bad file. The
+writer removes temporaries of killed runs before it saves, checks the free space first, and a save that
+fails for lack of space says so and leaves no partial files. The last `keep_last` verified checkpoints
+are kept, so the newest good one is never pruned.
+
+Saving snapshots the state to CPU on the caller's thread (fast), then writes the files on a background
+thread so training goes on; `wait()` joins it and re-raises its error, `failed()` polls it.
 """
 
 from __future__ import annotations
 
-import os
+import errno
+import json
 import re
 import shutil
 import threading
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sd3.atomic import TMP_MARK, atomic_path, atomic_write_text, remove, stale_temporaries
 from sd3.config import Config, load_json, save_json
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
+MANIFEST = "manifest.json"
+_SLACK_BYTES = 1 << 20  # JSON, pickle framing and filesystem metadata on top of the tensors
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model. The message names the path."""
+    """A checkpoint is missing, damaged or does not fit the model. The message names the file."""
+
+
+class NoSpaceError(CheckpointError):
+    """A save failed for lack of disk space (its partial files are removed)."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -40,7 +62,7 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Whole checkpoints of a run, oldest first."""
+    """Every step_* directory of a run, oldest first (whole when written; `verify` tells if still so)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
@@ -53,25 +75,89 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume(arg: str | None, run_dir: str | Path) -> Path | None:
-    """`--resume auto` -> the run's latest whole checkpoint (None when it has none); a path -> that checkpoint."""
+# --------------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------------
+
+
+def crc32_of(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def verify(path: Path, *, full: bool = True) -> None:
+    """Raise CheckpointError naming the first missing, truncated or damaged file of checkpoint `path`.
+
+    Sizes are always checked against the manifest; `full` also compares every file's CRC-32. A
+    checkpoint written before manifests existed is accepted when its files are all there."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (give a step_* directory or a run directory)")
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if not (path / MANIFEST).is_file():
+        return  # written before manifests (every file is there)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        entries = manifest["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({error})") from error
+    for name in FILES:
+        entry = entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {name}")
+        size = (path / name).stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is {size:,} bytes but was written with "
+                                  f"{entry['bytes']:,} (truncated or overwritten)")
+        if full and f"{crc32_of(path / name):08x}" != entry["crc32"]:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match the checksum it was written with "
+                                  "(damaged)")
+
+
+def find_checkpoint(arg: str | None, run_dir: str | Path, *, log: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint a run starts from (or that inference loads).
+
+    `'auto'`: the newest checkpoint of `run_dir` that verifies (each one skipped is logged with its
+    reason); None when the run has none (a fresh start); an error when it has some and none verifies
+    (a fresh start would silently throw the run away). A path: a step_* directory, or a run directory
+    (its newest verified checkpoint), which must verify."""
     if not arg:
         return None
     if arg == "auto":
-        return latest_checkpoint(run_dir)
+        return _newest_verified(run_dir, log=log, required=False)
     path = Path(arg)
-    if path.is_dir() and not (path / "config.json").exists() and latest_checkpoint(path) is not None:
-        path = latest_checkpoint(path)  # a run directory: take its latest checkpoint
-    check_whole(path)
+    if path.is_dir() and not (path / "config.json").exists() and list_checkpoints(path):
+        return _newest_verified(path, log=log, required=True)
+    verify(path)
     return path
 
 
-def check_whole(path: Path) -> None:
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist (give a step_* directory or a run directory)")
-    missing = [f for f in FILES if not (path / f).exists()]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+def _newest_verified(run_dir: str | Path, *, log: Callable[[str], None], required: bool) -> Path | None:
+    found = list_checkpoints(run_dir)
+    reasons = []
+    for _, path in reversed(found):
+        try:
+            verify(path)
+        except CheckpointError as error:
+            log(f"skipping checkpoint {path.name}: {error}")
+            reasons.append(str(error))
+            continue
+        return path
+    if found:
+        raise CheckpointError(f"no checkpoint of {run_dir} verifies ({len(found)} found): " + "; ".join(reasons) +
+                              ". Restore one, or start over in a new --run_dir")
+    if required:
+        raise CheckpointError(f"{run_dir} holds no checkpoint")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
 
 
 def _snapshot(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -87,6 +173,24 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _is_no_space(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class CheckpointWriter:
@@ -110,50 +214,108 @@ class CheckpointWriter:
             self.wait()
         return final
 
+    def failed(self) -> bool:
+        """Whether the last background save has ended in an error (`wait` raises it)."""
+        return self._error is not None
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"writing a checkpoint under {self.root} failed: {error}") from error
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(f"writing a checkpoint under {self.root} failed: {type(error).__name__}: "
+                                  f"{error}") from error
 
     def _write(self, final: Path, model_sd, ema_sd, cfg, train_state) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_file(model_sd, tmp / "model.safetensors")
-            save_file(ema_sd, tmp / "ema.safetensors")
-            save_json(cfg, tmp / "config.json")
-            torch.save(train_state, tmp / "train_state.pt")
-            for f in tmp.iterdir():  # durable before the rename makes it visible
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            self._clean_up()
+            need = _tensor_bytes(model_sd) + _tensor_bytes(ema_sd) + _tensor_bytes(train_state) + _SLACK_BYTES
+            free = shutil.disk_usage(self.root).free
+            if free < need:
+                raise NoSpaceError(self._no_space(final, need, free))
+            try:
+                with atomic_path(final, folder=True) as tmp:
+                    save_file(model_sd, tmp / "model.safetensors")
+                    save_file(ema_sd, tmp / "ema.safetensors")
+                    save_json(cfg, tmp / "config.json")
+                    torch.save(train_state, tmp / "train_state.pt")
+                    files = {name: {"bytes": (tmp / name).stat().st_size, "crc32": f"{crc32_of(tmp / name):08x}"}
+                             for name in FILES}
+                    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+            except Exception as error:
+                free = shutil.disk_usage(self.root).free
+                # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+                if _is_no_space(error) or free < need:
+                    raise NoSpaceError(self._no_space(final, need, free)) from error
+                raise
             self._prune()
         except BaseException as error:  # reported by wait() on the training thread
             self._error = error
 
+    def _no_space(self, final: Path, need: int, free: int) -> str:
+        return (f"not enough disk space for checkpoint {final.name} under {self.root}: it needs "
+                f"{need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free; nothing partial was left behind "
+                "and the previous checkpoints are intact. Free space (or lower --log.keep_last), then rerun "
+                "with --resume auto")
+
+    def _clean_up(self) -> None:
+        """Before a save: put back a checkpoint left moved aside by a killed re-save, and remove the
+        temporaries of killed writers (which would otherwise keep the disk full)."""
+        for aside in self.root.glob(f".step_*.old{TMP_MARK}*"):
+            final = self.root / aside.name[1:].split(".old")[0]
+            if not final.exists():
+                aside.rename(final)
+        for stale in stale_temporaries(self.root, "step_"):
+            remove(stale)
+
     def _prune(self) -> None:
-        for _, path in list_checkpoints(self.root.parent)[: -self.keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.glob(".step_*.tmp-*"):  # left by a run killed mid-write
-            if not stale.name.endswith(f".tmp-{os.getpid()}"):
-                shutil.rmtree(stale, ignore_errors=True)
+        """Keep the newest `keep_last` checkpoints that verify (sizes); remove everything older."""
+        found = list_checkpoints(self.root.parent)
+        kept = []
+        for step, path in reversed(found):
+            try:
+                verify(path, full=False)
+            except CheckpointError:
+                continue
+            kept.append(step)
+            if len(kept) == self.keep_last:
+                break
+        if len(kept) < self.keep_last:
+            return
+        for step, path in found:
+            if step < kept[-1]:
+                remove(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
 
 
 def load_train_state(path: Path, map_location="cpu") -> dict:
-    return torch.load(path / "train_state.pt", map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path / "train_state.pt", map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path}: train_state.pt does not load ({type(error).__name__}: "
+                              f"{error})") from error
+
+
+def load_tensors(path: Path, name: str) -> dict[str, Tensor]:
+    try:
+        return load_file(path / name)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path}: {name} does not load ({error})") from error
 
 
 def load_weights(path: Path, model: nn.Module, *, ema: bool) -> None:
     """Load `ema.safetensors` or `model.safetensors` into `model`, strictly (names and shapes)."""
-    check_whole(path)
-    state = load_file(path / ("ema.safetensors" if ema else "model.safetensors"))
+    verify(path, full=False)
+    name = "ema.safetensors" if ema else "model.safetensors"
+    state = load_tensors(path, name)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -162,5 +324,12 @@ def load_weights(path: Path, model: nn.Module, *, ema: bool) -> None:
 
 
 def load_config(path: Path) -> Config:
-    check_whole(path)
+    verify(path, full=False)
     return load_json(path / "config.json")
+
+
+def write_marker(run_dir: str | Path, name: str, text: str) -> Path:
+    """A one-line marker file in the run directory (PREEMPTED, FAILED), written atomically."""
+    path = Path(run_dir) / name
+    atomic_write_text(path, text.rstrip("\n") + "\n")
+    return path

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sd3.checkpoint import load_config, load_weights, resolve_resume
+from sd3.checkpoint import find_checkpoint, load_config, load_weights
 from sd3.config import Config
 from sd3.encoders import Autoencoder, TextEncoders, load_autoencoder, load_text_encoders
 from sd3.flow import Cond
@@ -83,7 +83,7 @@ class Pipeline:
     @classmethod
     def load(cls, ckpt: str | Path, *, device: str | None = None, ema: bool = True) -> Pipeline:
         """`ckpt`: a step_* checkpoint directory or a run directory (its latest checkpoint)."""
-        path = resolve_resume(str(ckpt), Path(ckpt).parent)
+        path = find_checkpoint(str(ckpt), Path(ckpt).parent)
         cfg = load_config(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = MMDiT(cfg.model)

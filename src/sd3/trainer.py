@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
 from sd3.batch import Batch
-from sd3.checkpoint import CheckpointWriter, load_train_state, load_weights
+from sd3.checkpoint import CheckpointWriter, load_tensors, load_train_state, load_weights
 from sd3.config import Config, FlowConfig, to_dict
 from sd3.ema import EMA
 from sd3.flow import Cond, dropout_keep, flow_loss, shift_for, shift_t, step_generator
@@ -223,7 +222,7 @@ def build_model(cfg: Config, device: torch.device, *, resume: Path | None, init_
         load_weights(source, model, ema=False)
     ema = EMA(model, decay=cfg.train.ema_decay, every=cfg.train.ema_every, device=ema_device)
     if source is not None:
-        ema.load_state_dict(load_file(source / "ema.safetensors"))
+        ema.load_state_dict(load_tensors(source, "ema.safetensors"))
     optimizer = build_optimizer(model, cfg.train)
     state = {}
     if resume is not None:
