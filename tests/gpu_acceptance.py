@@ -81,7 +81,7 @@ class Settings:
     """The whole flow: steps that would start past it are skipped (and the verdict fails)."""
 
 
-GPU = Settings(device="cuda", res=256, pixel_factor=8, depth=8, width=1024, heads=16, batch=32, steps=50,
+GPU = Settings(device="cuda", res=256, pixel_factor=8, depth=8, width=1024, heads=16, batch=64, steps=50,
                log_every=5, rows=512, compile=True, dist_steps=20, resume_steps=30, timeout_s=300, budget_s=470)
 CPU_SMOKE = Settings(device="cpu", res=64, pixel_factor=4, depth=2, width=64, heads=2, batch=4, steps=8,
                      log_every=1, rows=48, compile=False, dist_steps=3, resume_steps=5, timeout_s=240,

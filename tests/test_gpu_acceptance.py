@@ -70,6 +70,16 @@ def test_training_output_is_read_for_losses_and_throughput():
     assert not acceptance.read_training(out.replace("loss 0.8 ", "loss 2.5 "))["falling"]
 
 
+def test_gpu_figures_put_peak_memory_beside_the_estimate(tmp_path):
+    t = acceptance.read_training("step 1/9 | loss 1.0 | 5.0 img/s | mfu 1.00%\n"
+                                 "step 2/9 | loss 0.9 | 5.0 img/s | mfu 1.00%")
+    t["model"] = {"metrics": {"loader_encode_ms": 64.0}, "peak_allocated_gib": 20.5, "peak_reserved_gib": 22.0}
+    figures = dict(acceptance.training_figures("sdpa", t, tmp_path, acceptance.GPU, 1))
+    assert figures["sdpa.encode_ms_per_sample"] == f"{64.0 / acceptance.GPU.batch:.3f}"
+    peak = figures["sdpa.peak_memory_gib"]
+    assert peak.startswith("20.50 (reserved 22.00; eager estimate ") and float(peak.split()[-1][:-1]) > 1
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_cpu_smoke_runs_the_whole_flow(tmp_path):
