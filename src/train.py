@@ -38,7 +38,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("--resume", help="'auto' (latest whole checkpoint of run_dir, if any) or a checkpoint dir")
     parser.add_argument("--init_from", help="a checkpoint whose weights (model and EMA) start this run")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="print the resolved config and parameter count, then exit")
+                        help="print the resolved config, a per-GPU memory estimate and the parameter count, then exit")
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
@@ -56,10 +56,12 @@ def parse(argv: list[str] | None):
 
 
 def dry_run(cfg) -> None:
+    from sd3.memory import estimate, format_report
     from sd3.model.mmdit import count_parameters
 
     print(json.dumps(to_dict(cfg), indent=2))
-    print(f"parameters: {count_parameters(cfg.model)}")
+    print(format_report(estimate(cfg)))
+    print(f"parameters: {count_parameters(cfg.model)}")  # the last line: scripts read it
 
 
 def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:

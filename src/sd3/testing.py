@@ -96,6 +96,21 @@ def tiny_config(root: str | Path, *, vae: str = "pixel") -> Config:
     return cfg.validate()
 
 
+def stand_in_configs(enc: EncoderConfig, model: ModelConfig) -> dict[str, object]:
+    """The configs `make_tiny_encoders` would write, without writing anything: config key -> a transformers
+    config (text encoders; the full CLIP for `encoders.pooled`) or the AutoencoderKL's keyword arguments
+    (`encoders.vae`, unless 'pixel'). Their sizes are exact: the tokenizer's vocabulary is `VOCAB_SIZE`."""
+    out: dict[str, object] = {}
+    for i, width in enumerate(model.text_dims):
+        # Token ids do not change a size; ModernBERT's defaults (50281...) lie outside the stand-in vocabulary.
+        out[f"encoders.text[{i}]"] = (_gemma2_config(width) if i % 2 == 0 else _modernbert_config(
+            width, pad_token_id=0, bos_token_id=1, cls_token_id=1, eos_token_id=2, sep_token_id=2))
+    out["encoders.pooled"] = _clip_config(model.pooled_dim)
+    if enc.vae != "pixel":
+        out["encoders.vae"] = _autoencoder_config(model.in_channels)
+    return out
+
+
 def caption_corpus(n: int = 4000, seed: int = SEED) -> list[str]:
     """`n` English-like captions from a seeded grammar (the tokenizer's training text; also handy as test
     captions). Deterministic: the same (n, seed) always gives the same list."""
@@ -200,19 +215,25 @@ def _check_width(key: str, width: int) -> None:
                           "of 4 (two heads, rotary pairs); pick e.g. 64")
 
 
+def _gemma2_config(width: int, vocab_size: int = VOCAB_SIZE, **token_ids: int):
+    from transformers import Gemma2Config
+
+    head_dim = width // 2
+    return Gemma2Config(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        max_position_embeddings=512, **token_ids,
+    )
+
+
 def _build_gemma2(out: Path, *, width: int, key: str) -> None:
-    from transformers import AutoModel, Gemma2Config
+    from transformers import AutoModel
 
     _check_width(key, width)
     tok = _tokenizer(("<bos>", "$A"), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                      unk_token="<unk>")
-    head_dim = width // 2
-    config = Gemma2Config(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, query_pre_attn_scalar=head_dim,
-        max_position_embeddings=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    config = _gemma2_config(width, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id)
     # No attn_implementation="sdpa": Gemma-2 soft-caps its attention logits, which SDPA cannot do, and
     # transformers refuses it for Gemma2Model.
     with _seeded():
@@ -221,8 +242,17 @@ def _build_gemma2(out: Path, *, width: int, key: str) -> None:
     tok.save_pretrained(out)
 
 
+def _modernbert_config(width: int, vocab_size: int = VOCAB_SIZE, **token_ids: int):
+    from transformers import ModernBertConfig
+
+    return ModernBertConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=512, local_attention=16, **token_ids,
+    )
+
+
 def _build_modernbert(out: Path, *, width: int, key: str) -> None:
-    from transformers import AutoModel, ModernBertConfig
+    from transformers import AutoModel
 
     _check_width(key, width)
     tok = _tokenizer(("[CLS]", "$A", "[SEP]"), cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
@@ -230,57 +260,63 @@ def _build_modernbert(out: Path, *, width: int, key: str) -> None:
     # ModernBERT's default special-token ids (50281...) lie outside a tiny vocabulary: set them all.
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in
            [("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]")]}
-    config = ModernBertConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=512, local_attention=16,
-        pad_token_id=ids["pad"], bos_token_id=ids["cls"], cls_token_id=ids["cls"], eos_token_id=ids["sep"],
-        sep_token_id=ids["sep"],
-    )
+    config = _modernbert_config(width, len(tok), pad_token_id=ids["pad"], bos_token_id=ids["cls"],
+                                cls_token_id=ids["cls"], eos_token_id=ids["sep"], sep_token_id=ids["sep"])
     with _seeded():
         model = AutoModel.from_config(config, attn_implementation="sdpa")
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
 
+def _clip_config(width: int, vocab_size: int = VOCAB_SIZE, **token_ids: int):
+    from transformers import CLIPConfig
+
+    # The projection width is given only at the top level, as in converted checkpoints: the nested
+    # configs keep their default projection_dim (512), which the loader must not trust.
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, **token_ids)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=16)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
+
+
 def _build_clip(out: Path, *, width: int) -> None:
     """A full CLIPModel (text and vision towers), as MetaCLIP ships, so the loader's path that takes the
     text tower with its projection out of a full checkpoint is the one tested."""
-    from transformers import AutoModel, CLIPConfig
+    from transformers import AutoModel
 
     if width < 1:
         raise ConfigError(f"model.pooled_dim={width} must be positive")
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     # OpenAI CLIP pads with its EOS token; the model pools at the first EOS of each row.
     tok = _tokenizer((bos, "$A", eos), bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos)
-    # The projection width is given only at the top level, as in converted checkpoints: the nested
-    # configs keep their default projection_dim (512), which the loader must not trust.
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=16)
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
+    config = _clip_config(width, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
     with _seeded():
         model = AutoModel.from_config(config, attn_implementation="sdpa")
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
 
-def _build_autoencoder(out: Path, *, channels: int) -> None:
+def _autoencoder_config(channels: int) -> dict:
     """A FLUX-shaped AutoencoderKL at toy width: four blocks (factor 8), no quant convs, FLUX's
     scaling and shift factors."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
+        scaling_factor=FLUX_SCALING_FACTOR, shift_factor=FLUX_SHIFT_FACTOR,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def _build_autoencoder(out: Path, *, channels: int) -> None:
     from diffusers import AutoencoderKL
 
     if channels < 1:
         raise ConfigError(f"model.in_channels={channels} must be positive")
     with _seeded():
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=channels,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
-            scaling_factor=FLUX_SCALING_FACTOR, shift_factor=FLUX_SHIFT_FACTOR,
-            use_quant_conv=False, use_post_quant_conv=False,
-        )
+        vae = AutoencoderKL(**_autoencoder_config(channels))
     vae.save_pretrained(out)
 
 
