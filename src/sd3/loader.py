@@ -31,7 +31,14 @@ from sd3.metrics import log_rank
 from sd3.runtime import Runtime
 from sd3.transport import PROMPTS, VALIDATION, Sender, pack, pack_end, pack_error
 
-VAE_CHUNK = 64  # images per autoencoder call: bounds activation memory for large loader batches
+VAE_CHUNK_PIXELS = 64 * 256 * 256
+"""Pixels per autoencoder call (64 images at 256 px, 4 at 1024 px): bounds its activation memory at any
+resolution for large loader batches."""
+
+
+def vae_chunk(height: int, width: int) -> int:
+    """Images of this size per autoencoder call."""
+    return max(1, VAE_CHUNK_PIXELS // (height * width))
 HOLDOUT = 0x7A1  # the held-out batches' latents draw from their own random stream
 
 
@@ -105,7 +112,8 @@ class BatchProducer:
         if images.dtype == torch.uint8:
             images = to_model_range(images)
         with torch.no_grad():
-            latents = torch.cat([self.ae.encode(chunk, generator=generator) for chunk in images.split(VAE_CHUNK)])
+            chunks = images.split(vae_chunk(*images.shape[-2:]))
+            latents = torch.cat([self.ae.encode(chunk, generator=generator) for chunk in chunks])
         text, text_mask, pooled = self.text.encode(captions)
         return Batch(latents=latents, text=text, text_mask=text_mask, pooled=pooled, step=step, rows=rows)
 

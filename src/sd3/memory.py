@@ -36,7 +36,7 @@ in `Numerics`; a `gpu`-marked test checks them against `torch.cuda.max_memory_al
 
 Loader GPU: the frozen encoders' weights in `encoders.dtype` and their inference activations at the
 loader's batch (batch_size x models_per_loader captions; images through the autoencoder in chunks of
-`loader.VAE_CHUNK`). A local encoder directory is counted exactly from its config (built on the meta
+`loader.vae_chunk`). A local encoder directory is counted exactly from its config (built on the meta
 device); a hub id cannot be read here (nothing is downloaded), so the published sizes in `KNOWN_ENCODERS`
 are used, and the report says which figures came from there.
 """
@@ -599,7 +599,7 @@ def _loader(cfg: Config, feeds: int, *, txt_tokens: tuple[int, ...], batch_bytes
             sends: bool) -> tuple[list[Line], list[str], list[str]]:
     """Loader-GPU lines for a loader feeding `feeds` model ranks; also the encoders counted from published
     constants and the unknown ones."""
-    from sd3.loader import VAE_CHUNK
+    from sd3.loader import vae_chunk
 
     e, d, side = cfg.encoders, cfg.data, cfg.model.max_res
     rows = d.batch_size * feeds
@@ -620,7 +620,7 @@ def _loader(cfg: Config, feeds: int, *, txt_tokens: tuple[int, ...], batch_bytes
         kind = "autoencoder" if key == "encoders.vae" else "text encoder"
         lines.append(Line(f"{kind} {name} ({size.params:,} params{star}, {e.dtype})", size.params * enc_bytes))
         if key == "encoders.vae":
-            chunk = min(VAE_CHUNK, rows)
+            chunk = min(vae_chunk(side, side), rows)
             lines.append(Line(f"autoencoder encode ({chunk} images of {side}x{side} per chunk)",
                               vae_encode_bytes(size, images=chunk, side=side, dtype_bytes=enc_bytes)))
         else:   # the encoders run one after another: the largest one's working set counts
