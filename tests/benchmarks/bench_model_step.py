@@ -1,6 +1,6 @@
 """Training-step speed of our MMDiT against diffusers' SD3Transformer2DModel at matched shapes.
 
-    python tests/benchmarks/bench_model_step.py [--repeats 15] [--threads 2]
+    python tests/benchmarks/bench_model_step.py [--repeats 15] [--threads 2] [--no-compile]
 
 Both models: 4 blocks, width 256, 4 heads of 64, batch 4, 256 image tokens (32x32 latents, patch 2),
 154 text tokens, pooled 768; forward + backward + AdamW step in fp32 on the CPU. diffusers reads
@@ -9,8 +9,10 @@ Both models: 4 blocks, width 256, 4 heads of 64, batch 4, 256 image tokens (32x3
 streams), so the fair figure is time per FLOP, FLOPs counted by FlopCounterMode for both. Note that
 the elementwise work of SwiGLU (silu, the gating product, their gradients) and of QK-norm counts as
 time but not as FLOPs.
-Runs alternate between the two models and the medians are compared. Last line:
-`model_step_ratio_vs_diffusers: X` = (ours s/FLOP) / (theirs s/FLOP); below 1 is better.
+Runs alternate between the two models and the medians are compared:
+`model_step_ratio_vs_diffusers: X` = (ours s/FLOP) / (theirs s/FLOP); below 1 is better. Then the same
+with both models compiled (`torch.compile`, inductor, whole model: how a GPU user trains), last line
+`model_step_ratio_vs_diffusers_compiled: X`. Both use the trainer's fused AdamW.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def theirs():
 
 
 def make_step(model, forward):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         loss = forward().float().square().mean()
@@ -84,17 +86,40 @@ def count_flops(forward) -> float:
     return float(counter.get_total_flops())
 
 
+def time_steps(steps: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each model, runs interleaved so drift in the machine hits both alike."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(median: dict[str, float], flops: dict[str, float], models: dict, repeats: int, suffix: str) -> None:
+    for name in median:
+        print(f"{name}{suffix}: median {median[name] * 1e3:.1f} ms/step over {repeats} runs, "
+              f"{flops[name] / median[name] / 1e9:.1f} GFLOP/s, "
+              f"{sum(p.numel() for p in models[name][0].parameters()) / 1e6:.2f} M parameters")
+    raw = median["ours"] / median["diffusers"]
+    per_flop = (median["ours"] / flops["ours"]) / (median["diffusers"] / flops["diffusers"])
+    print(f"raw_step_time_ratio_vs_diffusers{suffix}: {raw:.3f}")
+    print(f"model_step_ratio_vs_diffusers{suffix}: {per_flop:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     models = {"ours": ours(), "diffusers": theirs()}
-    flops, steps, times = {}, {}, {name: [] for name in models}
+    flops, steps = {}, {}
     for name, (model, forward, _) in models.items():
         # Start every zero-initialised gate away from zero so both models do their full work.
         with torch.no_grad():
@@ -110,20 +135,18 @@ def main() -> None:
     print(f"ours: {flops['ours'] / 1e9:.2f} GFLOP/step counted, {analytic / 1e9:.2f} from our formula "
           f"({analytic / flops['ours'] - 1:+.2%})")
     print(f"diffusers: {flops['diffusers'] / 1e9:.2f} GFLOP/step counted")
-    for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
-        for name in models:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    for name in models:
-        print(f"{name}: median {median[name] * 1e3:.1f} ms/step over {args.repeats} runs, "
-              f"{flops[name] / median[name] / 1e9:.1f} GFLOP/s, "
-              f"{sum(p.numel() for p in models[name][0].parameters()) / 1e6:.2f} M parameters")
-    raw = median["ours"] / median["diffusers"]
-    per_flop = (median["ours"] / flops["ours"]) / (median["diffusers"] / flops["diffusers"])
-    print(f"raw_step_time_ratio_vs_diffusers: {raw:.3f}")
-    print(f"model_step_ratio_vs_diffusers: {per_flop:.3f}")
+    report(time_steps(steps, args.repeats), flops, models, args.repeats, "")
+    if args.no_compile:
+        return
+    compiled = {}
+    for name, (model, forward, _) in models.items():
+        model.compile()  # in place: forward() now runs the compiled graph
+        start = time.perf_counter()
+        compiled[name] = make_step(model, forward)
+        for _ in range(args.warmup):
+            compiled[name]()
+        print(f"{name}: compiled (inductor) and warmed up in {time.perf_counter() - start:.0f} s")
+    report(time_steps(compiled, args.repeats), flops, models, args.repeats, "_compiled")
 
 
 if __name__ == "__main__":
