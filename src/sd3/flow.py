@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sd3 import salts
 from sd3.config import FlowConfig
 
 
@@ -26,7 +27,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device=device).manual_seed(mixed & ((1 << 63) - 1))
 
 
-DROPOUT_SALT = 0xD409  # caption dropout draws from its own stream (the loader reproduces it, see below)
 
 
 def shift_t(t: Tensor, alpha: float) -> Tensor:
@@ -72,7 +72,7 @@ def dropout_keep(cfg: FlowConfig, *, seed: int, step: int, rank: int, batch_size
     together with `p_drop_all`, so the unconditional branch CFG uses is really trained (the seed's
     independent drops reached it in only ~1% of samples). A pure function of (seed, step, rank): the
     loader computes the same decision and does not send the token states of dropped streams."""
-    g = step_generator(seed, step, rank, salt=DROPOUT_SALT)
+    g = step_generator(seed, step, rank, salt=salts.CAPTION_DROPOUT)
     n = len(cfg.p_drop_text)
     u = torch.rand(batch_size, n + 2, generator=g)                      # streams, pooled, all
     probs = torch.tensor([*cfg.p_drop_text, cfg.p_drop_pooled])

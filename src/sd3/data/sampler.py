@@ -25,10 +25,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sd3 import salts
 from sd3.data.schema import DataError
 
 # Salts keep the generators of different purposes apart for the same seed.
-SALT_PERMUTE, SALT_ORDER = 0x5EED_0001, 0x5EED_0002
 _MASK64 = (1 << 64) - 1
 
 
@@ -150,7 +150,7 @@ class BucketSampler:
             if epoch in self._plans:
                 self._plans.move_to_end(epoch)
                 return self._plans[epoch]
-        order = generator(self.seed, SALT_ORDER, epoch).permutation(self._labels)
+        order = generator(self.seed, salts.DATA_ORDER, epoch).permutation(self._labels)
         by_bucket = np.argsort(order, kind="stable")
         starts = np.concatenate([[0], np.cumsum(self.batches)[:-1]])
         ordinal = np.empty(len(order), np.int64)
@@ -169,7 +169,7 @@ class BucketSampler:
                 self._perms.move_to_end(key)
                 return self._perms[key]
         n = int(self.train_counts[k])
-        perm = generator(self.seed, SALT_PERMUTE, epoch, k).permutation(n)
+        perm = generator(self.seed, salts.DATA_PERMUTE, epoch, k).permutation(n)
         perm = perm.astype(np.uint32 if n < 2**32 else np.int64)
         with self._lock:
             self._perms[key] = perm
