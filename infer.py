@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
+from sd3 import stand_ins
 from sd3.inference import Pipeline, make_grid, save_gif
+from sd3.paths import user_path
 from sd3.sample import SAMPLERS
 
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", action="store_true", help="use the trained weights instead of the EMA")
     args = parser.parse_args(argv)
 
-    pipe = Pipeline.load(args.ckpt, device=args.device, ema=not args.raw)
+    pipe = Pipeline.load(user_path(args.ckpt), device=args.device, ema=not args.raw,
+                         prepare=lambda cfg: stand_ins.ensure(cfg, dataset=False))
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     try:
         result = pipe.generate(prompts, negative=args.negative, width=args.width, height=args.height,

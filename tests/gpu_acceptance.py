@@ -152,7 +152,7 @@ def make_dataset(work: Path, s: Settings) -> Path:
 
 
 def make_encoders(work: Path, s: Settings) -> None:
-    from sd3.testing import make_tiny_encoders
+    from sd3.stand_ins import make_tiny_encoders
 
     cfg = train_config(work, s, "sdpa", work / "runs" / "unused")
     make_tiny_encoders(cfg.encoders, cfg.model)

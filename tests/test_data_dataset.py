@@ -274,9 +274,23 @@ def test_open_errors_name_the_fix(tmp_path):
         BucketDataset(DataConfig(dataset=str(other)), seed=0, num_model_ranks=1, max_res=64, multiple=8)
 
 
-def test_create_demo_builds_a_missing_dataset(tmp_path):
-    cfg = DataConfig(dataset=str(tmp_path / "demo" / "64"), batch_size=4, create_demo=True)
-    ds = BucketDataset(cfg, seed=0, num_model_ranks=2, max_res=64, multiple=8)
+def test_create_demo_builds_a_missing_dataset_only_in_its_own_folder(tmp_path, monkeypatch):
+    """The demo photos are built where the tiny preset keeps them, never at another missing path (a
+    mistyped --data.dataset must fail, not train on the demo)."""
+    from sd3 import stand_ins
+    from sd3.config import preset
+
+    monkeypatch.setattr(stand_ins, "DEMO_DIR", str(tmp_path / "demo"))
+    cfg = preset("tiny")
+    cfg.data = DataConfig(dataset=str(tmp_path / "elsewhere" / "64"), batch_size=4, create_demo=True)
+    assert stand_ins.ensure(cfg, encoders=False, log=lambda _: None) == []
+    with pytest.raises(DataError, match="is not a folder"):
+        BucketDataset(cfg.data, seed=0, num_model_ranks=2, max_res=64, multiple=8)
+    cfg.data.dataset = str(tmp_path / "demo" / "64")
+    said = []
+    assert stand_ins.ensure(cfg, encoders=False, log=said.append) == [tmp_path / "demo" / "64"]
+    assert "built the demo dataset" in said[0]
+    ds = BucketDataset(cfg.data, seed=0, num_model_ranks=2, max_res=64, multiple=8)
     assert ds.index.num_rows == 180 and (tmp_path / "demo" / "raw").is_dir()
 
 

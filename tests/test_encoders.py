@@ -21,7 +21,7 @@ from sd3.encoders import (
     load_autoencoder,
     load_text_encoders,
 )
-from sd3.testing import _write_atomically, caption_corpus, make_tiny_encoders, tiny_config
+from sd3.stand_ins import _write_atomically, caption_corpus, make_tiny_encoders, tiny_config
 
 CAPTIONS = ["a cat", "a photograph of an astronaut riding a horse on the moon, golden hour light", ""]
 

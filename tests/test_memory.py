@@ -193,13 +193,15 @@ def test_local_encoders_are_counted_from_their_configs(tmp_path):
     """A local directory is read; missing stand-ins are counted from the configs they would be written with;
     both equal the parameters the loader actually loads."""
     from sd3.encoders import load_autoencoder, load_text_encoders
-    from sd3.testing import tiny_config
+    from sd3.stand_ins import tiny_config
 
     cfg = preset("tiny")
     cfg.encoders.text = (str(tmp_path / "gemma"), str(tmp_path / "bert"))
     cfg.encoders.pooled = str(tmp_path / "clip")
     cfg.encoders.vae, cfg.encoders.vae_subfolder, cfg.model.in_channels = str(tmp_path / "flux"), "vae", 16
-    before = memory.encoder_sizes(cfg.encoders, cfg.model)         # nothing on disk yet
+    from sd3.stand_ins import stand_in_configs
+
+    before = memory.encoder_sizes(cfg.encoders, cfg.model, stand_in_configs=stand_in_configs)  # nothing on disk yet
     assert {size.source for _, size in before.values()} == {"stand-in"}
     cfg = tiny_config(tmp_path, vae="flux")
     after = memory.encoder_sizes(cfg.encoders, cfg.model)

@@ -23,13 +23,13 @@ from __future__ import annotations
 import abc
 import importlib.util
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from sd3.config import ConfigError, EncoderConfig, ModelConfig
+from sd3.paths import resolve
 
 # FLUX.1 autoencoder latent convention (black-forest-labs/FLUX.1-schnell, vae/config.json:
 # scaling_factor 0.3611, shift_factor 0.1159): latents = (z - shift) * scale, zero-centred, unit-ish std.
@@ -194,7 +194,7 @@ def _check_missing(key: str, source: str, what: str, missing) -> None:
 
 def _load(key: str, source: str, load):
     """`load(source)`, turning any failure into a ConfigError that names the key and the fix."""
-    local = Path(source).expanduser()
+    local = resolve(source)
     try:
         return load(str(local) if local.is_dir() else source)
     except Exception as e:

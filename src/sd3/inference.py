@@ -11,6 +11,7 @@ trained null (zeros, masks off), exactly what caption dropout trained.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def generate_latents(model: MMDiT, *, cond: Cond, uncond: Cond | None, width: in
                       on_step=on_step)
 
 
-def cond_of(text: TextEncoders, prompts: list[str]) -> Cond:
+def encode_prompts(text: TextEncoders, prompts: list[str]) -> Cond:
     states, masks, pooled = text.encode(prompts)
     return Cond(text=tuple(states), text_mask=tuple(masks), pooled=pooled)
 
@@ -81,17 +82,17 @@ class Pipeline:
         self.model, self.text, self.ae, self.cfg = model.eval(), text, ae, cfg
 
     @classmethod
-    def load(cls, ckpt: str | Path, *, device: str | None = None, ema: bool = True) -> Pipeline:
-        """`ckpt`: a step_* checkpoint directory or a run directory (its latest checkpoint)."""
+    def load(cls, ckpt: str | Path, *, device: str | None = None, ema: bool = True,
+             prepare: Callable[[Config], object] | None = None) -> Pipeline:
+        """`ckpt`: a step_* checkpoint directory or a run directory (its newest verified checkpoint).
+        `prepare(cfg)` runs before the encoders load (the entry scripts create stand-ins there)."""
         path = find_checkpoint(str(ckpt), Path(ckpt).parent)
         cfg = load_config(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = MMDiT(cfg.model)
         load_weights(path, model, ema=ema)
-        if cfg.encoders.create_tiny:
-            from sd3.testing import make_tiny_encoders
-
-            make_tiny_encoders(cfg.encoders, cfg.model)
+        if prepare is not None:
+            prepare(cfg)
         return cls(model.to(device), load_text_encoders(cfg.encoders, device), load_autoencoder(cfg.encoders, device),
                    cfg)
 
@@ -105,8 +106,8 @@ class Pipeline:
         width = width or self.cfg.model.max_res
         height = height or self.cfg.model.max_res
         check_image_size(self.cfg.model, self.ae.factor, width, height)
-        cond = cond_of(self.text, prompts)
-        uncond = null_cond(cond) if not negative else cond_of(self.text, [negative] * len(prompts))
+        cond = encode_prompts(self.text, prompts)
+        uncond = null_cond(cond) if not negative else encode_prompts(self.text, [negative] * len(prompts))
         trajectory: list[list[Image.Image]] = []
 
         def on_step(x: Tensor, t: Tensor) -> None:

@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from sd3.config import Config, EncoderConfig, ModelConfig
+from sd3.paths import resolve
 
 GIB = 1024**3
 CONTEXT_GIB = 1.0
@@ -429,34 +429,32 @@ def _count_vae(kwargs_or_config: dict, source: str) -> EncoderSize:
                        width=int(vae.config.block_out_channels[0]), source=source)
 
 
-def encoder_sizes(enc: EncoderConfig, model: ModelConfig) -> dict[str, tuple[str, EncoderSize | None]]:
+def encoder_sizes(enc: EncoderConfig, model: ModelConfig, *, stand_in_configs=None
+                  ) -> dict[str, tuple[str, EncoderSize | None]]:
     """config key -> (what it names, its size or None when unknown). A local directory is read (its
     config only, built on the meta device); missing stand-ins (`encoders.create_tiny`) are counted from
-    the configs they would be written with; a hub id comes from `KNOWN_ENCODERS`."""
+    the configs they would be written with, given `stand_in_configs` (`sd3.stand_ins.stand_in_configs`,
+    which only entry scripts and tests import); a hub id comes from `KNOWN_ENCODERS`."""
     entries = [(f"encoders.text[{i}]", s, False) for i, s in enumerate(enc.text)]
     entries.append(("encoders.pooled", enc.pooled, True))
     out: dict[str, tuple[str, EncoderSize | None]] = {}
     stand_ins = None
     for key, source, pooled in entries:
-        local = Path(source).expanduser()
+        local = resolve(source)
         if (local / "config.json").is_file():
             from transformers import AutoConfig
 
             out[key] = (source, _count_text(AutoConfig.from_pretrained(local), pooled=pooled, source="config"))
-        elif enc.create_tiny:
-            from sd3.testing import stand_in_configs
-
+        elif enc.create_tiny and stand_in_configs is not None:
             stand_ins = stand_ins or stand_in_configs(enc, model)
             out[key] = (source, _count_text(stand_ins[key], pooled=pooled, source="stand-in"))
         else:
             out[key] = (source, KNOWN_ENCODERS.get(source))
     if enc.vae != "pixel":
-        local = Path(enc.vae).expanduser() / (enc.vae_subfolder or "")
+        local = resolve(enc.vae) / (enc.vae_subfolder or "")
         if (local / "config.json").is_file():
             out["encoders.vae"] = (enc.vae, _count_vae(json.loads((local / "config.json").read_text()), "config"))
-        elif enc.create_tiny:
-            from sd3.testing import stand_in_configs
-
+        elif enc.create_tiny and stand_in_configs is not None:
             stand_ins = stand_ins or stand_in_configs(enc, model)
             out["encoders.vae"] = (enc.vae, _count_vae(stand_ins["encoders.vae"], "stand-in"))
         else:
@@ -521,7 +519,7 @@ def models_per_loader(cfg: Config) -> int:
     return cfg.ranks.models_per_loader
 
 
-def estimate(cfg: Config) -> Estimate:
+def estimate(cfg: Config, *, stand_in_configs=None) -> Estimate:
     """Per-GPU peak memory of `cfg` on CUDA (the configured precision and checkpointing, both shown)."""
     from sd3.model.mmdit import MMDiT
 
@@ -568,7 +566,7 @@ def estimate(cfg: Config) -> Estimate:
         model_lines.append(Line(f"total, checkpointing {'on' if ckpt else 'off'}{mark}", total, _fits(total)))
     model_total = totals[configured] + _allowance(totals[configured])
 
-    loader_lines, published, unknown = _loader(cfg, models_per_loader(cfg), txt_tokens=txt_tokens,
+    loader_lines, published, unknown = _loader(cfg, models_per_loader(cfg), stand_in_configs, txt_tokens=txt_tokens,
                                                batch_bytes=batch_bytes, sends=True)
     loader_tensors = sum(x.bytes for x in loader_lines)
     loader_total = loader_tensors + _allowance(loader_tensors)
@@ -576,7 +574,8 @@ def estimate(cfg: Config) -> Estimate:
                              _allowance(loader_tensors)))
     loader_lines.append(Line("total", loader_total, _fits(loader_total)))
     # World size 1: the same process encodes batch_size rows and trains on them; nothing is sent.
-    colocated_loader = _loader(cfg, 1, txt_tokens=txt_tokens, batch_bytes=batch_bytes, sends=False)[0]
+    colocated_loader = _loader(cfg, 1, stand_in_configs, txt_tokens=txt_tokens, batch_bytes=batch_bytes,
+                               sends=False)[0]
     colocated = totals[configured] + sum(x.bytes for x in colocated_loader)
 
     feeds = models_per_loader(cfg)
@@ -595,7 +594,7 @@ def estimate(cfg: Config) -> Estimate:
                     notes=notes, model_total=model_total, loader_total=loader_total, colocated=colocated)
 
 
-def _loader(cfg: Config, feeds: int, *, txt_tokens: tuple[int, ...], batch_bytes: float,
+def _loader(cfg: Config, feeds: int, stand_in_configs, *, txt_tokens: tuple[int, ...], batch_bytes: float,
             sends: bool) -> tuple[list[Line], list[str], list[str]]:
     """Loader-GPU lines for a loader feeding `feeds` model ranks; also the encoders counted from published
     constants and the unknown ones."""
@@ -607,7 +606,7 @@ def _loader(cfg: Config, feeds: int, *, txt_tokens: tuple[int, ...], batch_bytes
     lines: list[Line] = []
     published, unknown = [], []
     text_acts = 0.0
-    sizes = encoder_sizes(e, cfg.model)
+    sizes = encoder_sizes(e, cfg.model, stand_in_configs=stand_in_configs)
     # Tokens each encoder sees: the text streams' cap, CLIP's 77 positions for the pooled one.
     tokens = {f"encoders.text[{i}]": L for i, L in enumerate(txt_tokens)} | {"encoders.pooled": min(77, e.max_tokens)}
     for key, (name, size) in sizes.items():

@@ -1,13 +1,18 @@
-"""Tiny random-init stand-ins for the frozen encoders, built locally in a second or two.
+"""Stand-ins: random-init encoders built locally in a second or two, and the demo dataset.
 
-    make_tiny_encoders(cfg.encoders, cfg.model)    # writes them at the paths cfg.encoders names
-    cfg = tiny_config(tmp_path)                    # the `tiny` preset pointed at fresh stand-ins
+    ensure(cfg, dataset=True, encoders=True)         # the tiny preset: create what is missing, and say so
+    make_tiny_encoders(cfg.encoders, cfg.model)    # writes stand-ins at the paths cfg.encoders names
+    cfg = tiny_config(tmp_path)                    # the `tiny` preset pointed at fresh stand-ins (tests)
 
-They have the architectures of the real ones (Gemma-2, ModernBERT, a full CLIP checkpoint, a FLUX-style
-AutoencoderKL) at toy sizes, random weights, and one byte-level BPE tokenizer trained here on a
-generated caption corpus. They are saved with `save_pretrained` and loaded back through the real
-loading code (`sd3.encoders`), so tests and the CPU demo exercise the same path as a real run.
-They make the pipeline run; they cannot make good images. Nothing is downloaded.
+The encoders have the architectures of the real ones (Gemma-2, ModernBERT, a full CLIP checkpoint, a
+FLUX-style AutoencoderKL) at toy sizes, seeded random weights (the same every time), and one byte-level
+BPE tokenizer trained here on a generated caption corpus. They are saved with `save_pretrained` and
+loaded back through the real loading code (`sd3.encoders`), so tests and the CPU demo exercise the same
+path as a real run. They make the pipeline run; they cannot make good images. Nothing is downloaded.
+
+`ensure` creates them only inside the preset's own folders (`STAND_IN_DIR`, and `DEMO_DIR` for the
+demo photos), never at another missing path: a mistyped directory or hub id must fail, naming it, not
+train silently on random weights. Only the entry scripts call it; no runtime module imports this one.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from sd3.config import Config, ConfigError, EncoderConfig, ModelConfig, preset
+from sd3.paths import resolve
 
 VOCAB_SIZE = 1280
 SEED = 0
@@ -39,9 +45,54 @@ FLUX_SCALING_FACTOR = 0.3611
 FLUX_SHIFT_FACTOR = 0.1159
 
 
+STAND_IN_DIR = "data/tiny_encoders"
+"""Where `encoders.create_tiny` may create stand-ins (relative to the repository root)."""
+DEMO_DIR = "data/demo"
+"""Where `data.create_demo` may build the demo dataset (relative to the repository root)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
+
+
+def ensure(cfg: Config, *, dataset: bool = True, encoders: bool = True, log=print) -> list[Path]:
+    """What the config asks to be created and is missing: the demo dataset (`data.create_demo`) and the
+    stand-in encoders (`encoders.create_tiny`), each only inside its own folder. Says what it created.
+    Returns the folders written."""
+    written: list[Path] = []
+    if dataset and cfg.data.create_demo:
+        from sd3.data.demo import ensure_demo_dataset
+        from sd3.data.index import default_index_path
+
+        target = resolve(cfg.data.dataset)
+        index = resolve(cfg.data.index) if cfg.data.index else default_index_path(target)
+        if not index.is_file() and _inside(target, DEMO_DIR):
+            ensure_demo_dataset(target, max_res=cfg.model.max_res, multiple=cfg.pixel_multiple)
+            log(f"built the demo dataset at {target} (real photos bundled with scikit-image and scikit-learn)")
+            written.append(target)
+    if encoders and cfg.encoders.create_tiny:
+        enc = _inside_only(cfg.encoders)
+        made = make_tiny_encoders(enc, cfg.model)
+        if made:
+            log(f"created random-init stand-in encoders at {', '.join(map(str, made))}: they make the "
+                "pipeline run, not good images (point --encoders.* at real models to train for real)")
+        written += made
+    return written
+
+
+def _inside(path: Path, folder: str) -> bool:
+    return resolve(path).is_relative_to(resolve(folder))
+
+
+def _inside_only(enc: EncoderConfig) -> EncoderConfig:
+    """`enc` with every source outside STAND_IN_DIR replaced by a path that is never created (so it
+    loads, or fails naming itself, exactly as without stand-ins)."""
+    import dataclasses
+
+    keep = lambda source: source if _inside(Path(source), STAND_IN_DIR) else None  # noqa: E731
+    return dataclasses.replace(enc, text=tuple(keep(s) for s in enc.text), pooled=keep(enc.pooled),
+                               vae=enc.vae if enc.vae == "pixel" else keep(enc.vae))
 
 
 def make_tiny_encoders(enc: EncoderConfig, model: ModelConfig) -> list[Path]:
@@ -56,18 +107,20 @@ def make_tiny_encoders(enc: EncoderConfig, model: ModelConfig) -> list[Path]:
     if len(model.text_dims) != len(enc.text):
         raise ConfigError(f"model.text_dims has {len(model.text_dims)} entries but encoders.text names "
                           f"{len(enc.text)} encoders: give one width per text encoder")
-    jobs: list[tuple[str, Path, Callable[[Path], None]]] = []
+    jobs: list[tuple[str, str | None, Callable[[Path], None]]] = []
     for i, (path, width) in enumerate(zip(enc.text, model.text_dims)):
         build = _build_gemma2 if i % 2 == 0 else _build_modernbert
-        jobs.append((f"encoders.text[{i}]", Path(path), functools.partial(build, width=width,
-                                                                           key=f"model.text_dims[{i}]")))
-    jobs.append(("encoders.pooled", Path(enc.pooled), functools.partial(_build_clip, width=model.pooled_dim)))
+        jobs.append((f"encoders.text[{i}]", path, functools.partial(build, width=width,
+                                                                     key=f"model.text_dims[{i}]")))
+    jobs.append(("encoders.pooled", enc.pooled, functools.partial(_build_clip, width=model.pooled_dim)))
     if enc.vae != "pixel":
-        target = Path(enc.vae) / enc.vae_subfolder if enc.vae_subfolder else Path(enc.vae)
-        build_vae = functools.partial(_build_autoencoder, channels=model.in_channels)
-        jobs.append(("encoders.vae", target, build_vae))
+        vae = None if enc.vae is None else str(Path(enc.vae) / (enc.vae_subfolder or ""))
+        jobs.append(("encoders.vae", vae, functools.partial(_build_autoencoder, channels=model.in_channels)))
     written = []
-    for key, target, build in jobs:
+    for key, source, build in jobs:
+        if source is None:  # not ours to create (see `ensure`)
+            continue
+        target = resolve(source)
         build = functools.partial(_quietly, build)
         needs_tokenizer = key != "encoders.vae"
         if _is_complete(target, tokenizer=needs_tokenizer):

@@ -19,15 +19,14 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sd3 import salts
 from sd3.config import DataConfig
 from sd3.data.buckets import bucket_problem, format_bucket
-from sd3.data.demo import ensure_demo_dataset
 from sd3.data.images import (
     ImageError,
     decode_jpegs_on_device,
@@ -40,11 +39,10 @@ from sd3.data.index import BucketIndex, default_index_path, open_index
 from sd3.data.reader import ShardReader
 from sd3.data.sampler import BucketSampler, generator
 from sd3.data.schema import READ_COLUMNS, DataError
+from sd3.paths import resolve
 
 log = logging.getLogger(__name__)
 
-SALT_CAPTION, SALT_REPLACE = 0x5EED_0101, 0x5EED_0102
-SALT_HOLDOUT, SALT_HOLDOUT_CAPTION = 0x5EED_0103, 0x5EED_0104
 MAX_CAPTION_CHARS = 4000
 """Longer captions are cut: the text encoders read 77 tokens (a few hundred characters), and a 100 KB
 caption would only cost tokenizer time."""
@@ -80,15 +78,17 @@ class BucketDataset:
     def __init__(self, cfg: DataConfig, *, seed: int, num_model_ranks: int, max_res: int, multiple: int):
         self.cfg, self.seed, self.num_model_ranks = cfg, seed, num_model_ranks
         self.max_res, self.multiple = max_res, multiple
-        self.data_dir = Path(cfg.dataset)
-        index_path = Path(cfg.index) if cfg.index else default_index_path(self.data_dir)
-        if cfg.create_demo and not index_path.is_file():
-            ensure_demo_dataset(self.data_dir, max_res=max_res, multiple=multiple)
+        self.data_dir = resolve(cfg.dataset)
+        index_path = resolve(cfg.index) if cfg.index else default_index_path(self.data_dir)
         if not self.data_dir.is_dir():
-            raise DataError(f"data.dataset={cfg.dataset!r} is not a folder: make it with "
-                            "data/create_phase.py (or data/make_demo_dataset.py), or set "
-                            "--data.create_demo=true for the demo")
+            raise DataError(f"data.dataset={cfg.dataset!r} is not a folder ({self.data_dir}): make it with "
+                            "data/import_images.py and data/create_phase.py (the demo photos: "
+                            "--data.create_demo=true builds them under data/demo/)")
         self.index: BucketIndex = open_index(index_path, self.data_dir)
+        if self.index.num_rows == 0:
+            raise DataError(f"data.dataset={cfg.dataset!r} is empty: its index lists 0 rows in "
+                            f"{len(self.index.shards)} shard(s); fill it with data/create_phase.py, then rerun "
+                            "src/create_indices.py")
 
         # Buckets this resolution and patch grid can train on; the rest are reported, not used.
         self.kept: list[int] = []
@@ -141,7 +141,7 @@ class BucketDataset:
         slots = self._slots(model_ranks)
         k = self.sampler.bucket_of(step)
         rows = self.sampler.global_rows(step)[slots]
-        u = generator(self.seed, SALT_CAPTION, step).random(self.sampler.global_batch)[slots]
+        u = generator(self.seed, salts.CAPTION_CHOICE, step).random(self.sampler.global_batch)[slots]
         return self._decode(rows, u, step=step, k=k, replace_keys=slots, device=device, dtype=dtype)
 
     def holdout_batches(self, batch_size: int, *, device: torch.device | str | None = None) -> list[RawBatch]:
@@ -150,7 +150,7 @@ class BucketDataset:
         out (counted in stats), so a batch may be smaller."""
         if len(self.holdout) == 0:
             return []
-        u_all = generator(self.seed, SALT_HOLDOUT_CAPTION).random(len(self.holdout))
+        u_all = generator(self.seed, salts.HOLDOUT_CAPTIONS).random(len(self.holdout))
         batches = []
         for k_kept, k in enumerate(self.kept):
             rows_k = self.index.bucket_rows(k)
@@ -207,7 +207,7 @@ class BucketDataset:
         if n >= total:
             raise DataError(f"data.val_rows={n} leaves no training rows (the usable buckets hold {total:,}); "
                             "lower data.val_rows")
-        flat = np.sort(generator(self.seed, SALT_HOLDOUT).choice(total, size=n, replace=False))
+        flat = np.sort(generator(self.seed, salts.HOLDOUT_ROWS).choice(total, size=n, replace=False))
         starts = np.concatenate([[0], np.cumsum(counts)])
         which = np.searchsorted(starts, flat, side="right") - 1
         rows = [np.asarray(self.index.bucket_rows(self.kept[b])[flat[which == b] - starts[b]], np.int64)
@@ -282,7 +282,7 @@ class BucketDataset:
 
     def _replace(self, k: int, step: int, key: int, stats: Counter) -> tuple[int, Tensor, str, str] | None:
         """Another training row of bucket k that decodes, drawn from (seed, step, key)."""
-        rng = generator(self.seed, SALT_REPLACE, step, key)
+        rng = generator(self.seed, salts.ROW_REPLACE, step, key)
         n = int(self.sampler.train_counts[k])
         for _ in range(REPLACE_ATTEMPTS):
             row = int(self.sampler.train_rows(k, rng.integers(0, n, size=1))[0])
