@@ -5,11 +5,11 @@ import torch
 import torch.distributed as dist
 
 from sd3.batch import Batch
+from sd3.sources import RemoteSource
 from sd3.transport import (
     BATCH,
     HEADER_LEN,
     LoaderFailed,
-    Receiver,
     Sender,
     TransportError,
     empty_tensors,
@@ -102,7 +102,7 @@ def _exchange(rank, world, fail):
         work = dist.irecv(buf, 1)
         work.wait(timedelta(seconds=30))
         return int(buf)
-    receiver = Receiver(0, group=None, device=torch.device("cpu"), depth=2, timeout_s=30)
+    receiver = RemoteSource(0, ctrl_group=None, device=torch.device("cpu"), depth=2, timeout_s=30)
     got = []
     try:
         for batch in receiver:
@@ -129,7 +129,7 @@ def _silent_loader(rank, world):
 
         time.sleep(4)
         return "slept"
-    receiver = Receiver(0, group=None, device=torch.device("cpu"), depth=2, timeout_s=1)
+    receiver = RemoteSource(0, ctrl_group=None, device=torch.device("cpu"), depth=2, timeout_s=1)
     try:
         next(receiver)
     except TransportError as error:

@@ -12,6 +12,7 @@ never builds the diffusion model.
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from collections import deque
@@ -22,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sd3 import salts
 from sd3.batch import Batch
 from sd3.config import Config
 from sd3.data.images import to_model_range
@@ -29,7 +31,7 @@ from sd3.encoders import check_widths, load_autoencoder, load_text_encoders
 from sd3.flow import dropout_keep, step_generator
 from sd3.metrics import log_rank
 from sd3.runtime import Runtime
-from sd3.transport import PROMPTS, VALIDATION, Sender, pack, pack_end, pack_error
+from sd3.transport import PROMPTS, VALIDATION, Sender, TransportError, pack, pack_end, pack_error, peer_error
 
 VAE_CHUNK_PIXELS = 64 * 256 * 256
 """Pixels per autoencoder call (64 images at 256 px, 4 at 1024 px): bounds its activation memory at any
@@ -39,25 +41,13 @@ resolution for large loader batches."""
 def vae_chunk(height: int, width: int) -> int:
     """Images of this size per autoencoder call."""
     return max(1, VAE_CHUNK_PIXELS // (height * width))
-HOLDOUT = 0x7A1  # the held-out batches' latents draw from their own random stream
 
 
 def open_dataset(cfg: Config, num_model_ranks: int):
     from sd3.data import BucketDataset
 
-    if cfg.data.create_demo:
-        from sd3.data.demo import ensure_demo_dataset
-
-        ensure_demo_dataset(cfg.data.dataset, max_res=cfg.model.max_res, multiple=cfg.pixel_multiple)
     return BucketDataset(cfg.data, seed=cfg.train.seed, num_model_ranks=num_model_ranks,
                          max_res=cfg.model.max_res, multiple=cfg.pixel_multiple)
-
-
-def ensure_stand_in_encoders(cfg: Config) -> None:
-    if cfg.encoders.create_tiny:
-        from sd3.testing import make_tiny_encoders
-
-        make_tiny_encoders(cfg.encoders, cfg.model)
 
 
 class BatchProducer:
@@ -69,7 +59,6 @@ class BatchProducer:
         self.model_indices = list(model_indices)
         self.loader_index = loader_index
         self.dataset = open_dataset(cfg, num_model_ranks)
-        ensure_stand_in_encoders(cfg)
         self.text = load_text_encoders(cfg.encoders, device)
         self.ae = load_autoencoder(cfg.encoders, device)
         check_widths(cfg.model, self.text, self.ae)
@@ -78,7 +67,7 @@ class BatchProducer:
         self.ahead = max(cfg.data.prefetch, workers)   # decoded batches in flight
         self.pending: deque = deque()
         self.next_step = self.end_step = 0
-        self.corrupt = 0
+        self.bad_rows = 0
 
     def start(self, start_step: int, end_step: int) -> None:
         self.next_step, self.end_step = start_step, end_step
@@ -100,13 +89,14 @@ class BatchProducer:
         batch = self.encode(raw.images, raw.captions, step=raw.step, rows=torch.from_numpy(raw.rows))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # honest encode time; sends wait for it anyway
-        self.corrupt += int(raw.stats.get("corrupt", 0))
-        return batch, {"encode_s": time.perf_counter() - start, "corrupt": self.corrupt}
+        # A row that does not decode and one of a shard that cannot be read alike: replaced, and counted.
+        self.bad_rows += int(raw.stats.get("corrupt", 0)) + int(raw.stats.get("unreadable", 0))
+        return batch, {"encode_s": time.perf_counter() - start, "bad_rows": self.bad_rows}
 
     def encode(self, images: torch.Tensor, captions: list[str], *, step: int, rows: torch.Tensor,
-               salt: int = 0) -> Batch:
+               salt: int = salts.POSTERIOR) -> Batch:
         # The posterior sample is seeded by (seed, step, loader): a resumed run encodes the same latents.
-        generator = step_generator(self.cfg.train.seed, abs(step), 10_000 + self.loader_index, self.device,
+        generator = step_generator(self.cfg.train.seed, abs(step), self.loader_index, self.device,
                                    salt=salt)
         images = images.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
@@ -129,7 +119,8 @@ class BatchProducer:
             return [Batch(latents=latents, text=text, text_mask=text_mask, pooled=pooled, step=-1,
                           rows=torch.full((len(prompts),), -1, dtype=torch.int64))]
         if kind == VALIDATION:
-            return [self.encode(raw.images, raw.captions, step=-1 - i, rows=torch.from_numpy(raw.rows), salt=HOLDOUT)
+            return [self.encode(raw.images, raw.captions, step=-1 - i, rows=torch.from_numpy(raw.rows),
+                                salt=salts.HOLDOUT_POSTERIOR)
                     for i, raw in enumerate(self.dataset.holdout_batches(self.cfg.data.batch_size))]
         raise ValueError(f"unknown startup batch kind {kind}")
 
@@ -138,16 +129,47 @@ class BatchProducer:
         self.pending.clear()
 
 
+class DoneFlags:
+    """Each fed model rank says once, on the gloo control group, that it is done (after its last step, a
+    stop or its own failure). gloo's receive handles do not report completion until waited on
+    (`is_completed()` stays False), so each is waited on by its own daemon thread and polled here."""
+
+    def __init__(self, feeds: list[int], group):
+        self.feeds = feeds
+        self._done = {src: threading.Event() for src in feeds}
+        self._errors: dict[int, BaseException] = {}
+        for src in feeds:
+            work = dist.irecv(torch.zeros(1, dtype=torch.int64), src, group=group)
+            threading.Thread(target=self._wait, args=(src, work), name=f"done-from-{src}", daemon=True).start()
+
+    def _wait(self, src: int, work) -> None:
+        try:
+            work.wait()
+        except BaseException as error:  # the peer died: reported by wait_all
+            self._errors[src] = error
+        self._done[src].set()
+
+    def finished(self) -> set[int]:
+        return {src for src, event in self._done.items() if event.is_set() and src not in self._errors}
+
+    def wait_all(self, timeout: timedelta) -> None:
+        for src, event in self._done.items():
+            if not event.wait(timeout.total_seconds()):
+                raise TransportError(f"model rank {src} did not say it was done within "
+                                     f"{timeout.total_seconds():.0f} s")
+            if src in self._errors:
+                raise peer_error(self._errors[src], f"model rank {src}", timeout) from self._errors[src]
+
+
 def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> None:
-    """The loader-rank loop (micro-steps [start_step, end_step)). On any failure it sends its model
-    ranks an ERROR message carrying the reason, then exits non-zero."""
+    """The loader-rank loop (micro-steps [start_step, end_step)): serve the fed model ranks until each one
+    says it is done, then end every conversation with END, so no send is left pending at exit. On any
+    failure it tells its model ranks why (ERROR), then exits non-zero; a model rank that died is named."""
     feeds = list(rt.ranks.feeds(rt.rank))
     indices = [rt.ranks.model_index(m) for m in feeds]
     timeout = timedelta(seconds=cfg.ranks.timeout_s)
     sender = Sender(group=None, max_in_flight=cfg.data.prefetch * len(feeds), timeout_s=cfg.ranks.timeout_s)
-    # Stop requests (model ranks -> this loader) on the gloo control group, posted now, polled each step.
-    stop_bufs = [torch.zeros(1, dtype=torch.int64) for _ in feeds]
-    stop_works = [dist.irecv(buf, src, group=rt.ctrl_group) for buf, src in zip(stop_bufs, feeds)]
+    done = DoneFlags(feeds, rt.ctrl_group)
     producer = None
     try:
         producer = BatchProducer(cfg, device=rt.device, model_indices=indices,
@@ -161,15 +183,17 @@ def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> N
                 sender.send(pack(_end_marker(cfg, rt.device), kind=kind), first_model)
         producer.start(start_step, end_step)
         for _ in range(start_step, end_step):
-            if all(work.is_completed() for work in stop_works):
+            finished = done.finished()
+            if len(finished) == len(feeds):
                 break
             batch, stats = producer.next()
             for piece, dst, index in zip(batch.split(len(feeds)), feeds, indices):
+                if dst in finished:   # it takes nothing more but what is already on its way
+                    continue
                 keep = dropout_keep(cfg.flow, seed=cfg.train.seed, step=piece.step, rank=index, batch_size=piece.size)
-                sender.send(pack(without_dropped(piece, keep), encode_s=stats["encode_s"], corrupt=stats["corrupt"]),
-                            dst)
-        for work in stop_works:  # every model rank says when it is done (last step, or a signal)
-            work.wait(timeout)
+                sender.send(pack(without_dropped(piece, keep), encode_s=stats["encode_s"],
+                                 bad_rows=stats["bad_rows"]), dst)
+        done.wait_all(timeout)
         sender.flush()
         for dst in feeds:
             sender.send(pack_end(rt.device), dst)
@@ -177,7 +201,8 @@ def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> N
     except BaseException as error:
         reason = f"{type(error).__name__}: {error}"
         log_rank(rt.rank, "loader", f"failed: {reason}\n{traceback.format_exc()}")
-        _send_error(reason, feeds, rt.device, min(30.0, cfg.ranks.timeout_s))
+        alive = [dst for dst in feeds if f"model rank {dst} exited" not in reason]
+        _send_error(reason, alive, rt.device, min(10.0, cfg.ranks.timeout_s))
         raise SystemExit(1) from error
     finally:
         if producer is not None:

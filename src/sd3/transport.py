@@ -13,15 +13,13 @@ Text travels at each encoder's native width and without padding of any kind: the
 caption as 154 x 2304, about 0.7 MB a sample, most of it zeros). An ERROR message carries the
 loader's error text instead, so its model ranks stop with its message rather than waiting forever.
 
-The receiver runs on its own thread with a bounded queue: while step s computes, the batches for
-s+1 ... s+depth are already arriving. `LocalBatches` gives world size 1 the same interface.
+`sd3.sources.RemoteSource` receives on its own thread with a bounded queue: while step s computes, the
+batches for s+1 ... s+depth are already arriving. A peer that dies is reported as such ("exited or
+crashed"), apart from one that is alive but silent ("no message within N s"): `peer_error`.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -46,7 +44,7 @@ DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 
 # Header slots
 _MAGIC, _VERSION, _KIND, _STEP, _B, _C, _H, _W, _N_TEXT, _P, _DT_LAT, _DT_TXT, _DT_POOL, _ENCODE_US, \
-    _CORRUPT, _MSG_LEN = range(16)
+    _BAD_ROWS, _MSG_LEN = range(16)
 _STREAMS = 16  # then (N_i, D_i) per stream
 
 
@@ -81,7 +79,7 @@ def lengths_of(mask: Tensor) -> Tensor:
     return lengths
 
 
-def pack(batch: Batch, *, kind: int = BATCH, encode_s: float = 0.0, corrupt: int = 0) -> list[Tensor]:
+def pack(batch: Batch, *, kind: int = BATCH, encode_s: float = 0.0, bad_rows: int = 0) -> list[Tensor]:
     """The header and tensors of one message, on the batch's device."""
     n = len(batch.text)
     if n > MAX_STREAMS:
@@ -97,7 +95,7 @@ def pack(batch: Batch, *, kind: int = BATCH, encode_s: float = 0.0, corrupt: int
     header[_DT_LAT] = DTYPE_CODE[batch.latents.dtype]
     header[_DT_TXT] = DTYPE_CODE[batch.text[0].dtype] if n else 0
     header[_DT_POOL] = DTYPE_CODE[batch.pooled.dtype]
-    header[_ENCODE_US], header[_CORRUPT] = int(encode_s * 1e6), corrupt
+    header[_ENCODE_US], header[_BAD_ROWS] = int(encode_s * 1e6), bad_rows
     for i, x in enumerate(packed):
         header[_STREAMS + 2 * i], header[_STREAMS + 2 * i + 1] = x.shape
     meta = torch.stack([*lengths, batch.rows.to(device)]).to(torch.int64)     # (n + 1, B)
@@ -131,7 +129,7 @@ def read_header(header: Tensor, src: int) -> dict:
                              "run the same code on every node")
     return {"kind": h[_KIND], "step": h[_STEP], "B": h[_B], "C": h[_C], "h": h[_H], "w": h[_W],
             "n_text": h[_N_TEXT], "P": h[_P], "dt_lat": DTYPES[h[_DT_LAT]], "dt_txt": DTYPES[h[_DT_TXT]],
-            "dt_pool": DTYPES[h[_DT_POOL]], "encode_s": h[_ENCODE_US] / 1e6, "corrupt": h[_CORRUPT],
+            "dt_pool": DTYPES[h[_DT_POOL]], "encode_s": h[_ENCODE_US] / 1e6, "bad_rows": h[_BAD_ROWS],
             "msg_len": h[_MSG_LEN],
             "streams": [(h[_STREAMS + 2 * i], h[_STREAMS + 2 * i + 1]) for i in range(h[_N_TEXT])]}
 
@@ -181,7 +179,9 @@ def wire_bytes(tensors: list[Tensor]) -> int:
 
 class Sender:
     """Asynchronous sends with at most `max_in_flight` messages outstanding (backpressure: a loader
-    never runs further ahead of its model ranks than that)."""
+    never runs further ahead of its model ranks than that). A failed send names its real cause: the
+    other messages in flight are probed too, so every model rank that died is named, not only the one
+    whose message happened to be the oldest."""
 
     def __init__(self, *, group: dist.ProcessGroup | None, max_in_flight: int, timeout_s: float):
         self.group = group
@@ -207,13 +207,50 @@ class Sender:
             try:
                 work.wait(self.timeout)
             except Exception as error:
-                raise TransportError(f"sending to model rank {dst} failed or timed out after "
-                                     f"{self.timeout.total_seconds():.0f} s: {error}") from error
+                raise self._diagnose(error, dst) from error
+
+    def _diagnose(self, error: BaseException, dst: int) -> TransportError:
+        """Which model ranks died: probe the sends still in flight (briefly: the run is ending anyway)."""
+        first = peer_error(error, f"model rank {dst}", self.timeout)
+        dead = {dst} if "exited or crashed" in str(first) else set()
+        for works, _, other in self._in_flight:
+            if other in dead:
+                continue
+            try:
+                works[0].wait(timedelta(milliseconds=200))
+            except Exception as probe:
+                if "exited or crashed" in str(peer_error(probe, "", self.timeout)):
+                    dead.add(other)
+        if len(dead) > 1:
+            return peer_error(error, "model ranks " + ", ".join(map(str, sorted(dead))), self.timeout)
+        if dead and dst not in dead:
+            return peer_error(error, f"model rank {dead.pop()}", self.timeout)
+        return first
 
 
 # --------------------------------------------------------------------------------------------------
 # Receiving (model side)
 # --------------------------------------------------------------------------------------------------
+
+
+_DEATH = ("connection closed", "connection reset", "broken pipe", "remote process exited", "peer closed",
+          "remote end closed")
+
+
+def peer_error(error: BaseException, peer: str, timeout: timedelta) -> TransportError:
+    """The message for a failed wait on `peer`: it exited or crashed (its connection closed), it stayed
+    silent past the timeout, or something else (the original error)."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    low = text.lower()
+    if any(mark in low for mark in _DEATH):
+        return TransportError(f"{peer} exited or crashed ({first[:200]}); its own log says why. A process "
+                              "killed with SIGKILL, e.g. by the kernel's out-of-memory killer, prints nothing: "
+                              "check torchrun's report of its exit code and the node's memory")
+    if "timed out" in low or "timeout" in low:
+        return TransportError(f"no message from {peer} within {timeout.total_seconds():.0f} s; it may be "
+                              "stuck, or still loading encoders (raise --ranks.timeout_s)")
+    return TransportError(f"communication with {peer} failed: {first[:300]}")
 
 
 def receive(src: int, *, group, device: torch.device, timeout: timedelta) -> Message:
@@ -223,9 +260,7 @@ def receive(src: int, *, group, device: torch.device, timeout: timedelta) -> Mes
         try:
             work.wait(timeout)
         except Exception as error:
-            raise TransportError(
-                f"no message from loader rank {src} within {timeout.total_seconds():.0f} s ({error}); it may "
-                "have died, or still be loading encoders (raise --ranks.timeout_s)") from error
+            raise peer_error(error, f"loader rank {src}", timeout) from error
         return tensor
 
     header = recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=device))
@@ -236,121 +271,6 @@ def receive(src: int, *, group, device: torch.device, timeout: timedelta) -> Mes
         data = recv(torch.empty(meta["msg_len"], dtype=torch.uint8, device=device))
         return Message(ERROR, error=bytes(data.cpu().tolist()).decode(errors="replace"))
     tensors = [recv(t) for t in empty_tensors(meta, device)]
-    stats = {"encode_s": meta["encode_s"], "corrupt": meta["corrupt"]}
+    stats = {"encode_s": meta["encode_s"], "bad_rows": meta["bad_rows"]}
     return Message(meta["kind"], batch=unpack(meta, tensors), stats=stats,
                    nbytes=HEADER_LEN * 8 + wire_bytes(tensors))
-
-
-class Receiver:
-    """Receives this model rank's batches on a background thread, `depth` ahead of the trainer.
-
-    Iterating yields Batches in step order; an ERROR from the loader raises LoaderFailed with the
-    loader's message; END ends the iteration. Startup messages (PROMPTS, VALIDATION) are kept aside."""
-
-    def __init__(self, src: int, *, group, device: torch.device, depth: int, timeout_s: float):
-        self.src, self.device = src, device
-        self.timeout = timedelta(seconds=timeout_s)
-        self.group = group
-        self._queue: queue.Queue = queue.Queue(maxsize=max(2, depth))
-        self._stop = threading.Event()
-        self.extras: dict[int, list[Batch]] = {PROMPTS: [], VALIDATION: []}
-        self.wait_s = 0.0          # time the trainer spent blocked on data
-        self.bytes = 0             # bytes received in batches the trainer consumed
-        self.encode_s = 0.0        # the loader's encode time of those batches
-        self.batches = 0
-        self.stats: dict = {}
-        self._thread = threading.Thread(target=self._run, name=f"receive-from-{src}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        while True:
-            try:
-                message = receive(self.src, group=self.group, device=self.device, timeout=self.timeout)
-            except BaseException as error:
-                self._queue.put(error)
-                return
-            self._queue.put(message)
-            if message.kind in (END, ERROR):
-                return
-
-    def _get(self) -> Message:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        if item.kind == ERROR:
-            raise LoaderFailed(f"loader rank {self.src} failed: {item.error}")
-        return item
-
-    def startup(self, kinds: tuple[int, ...] = ()) -> dict[int, list[Batch]]:
-        """Receive the loader's startup messages of `kinds` (in that order; each ends with an empty batch)."""
-        for kind in kinds:
-            while True:
-                message = self._get()
-                if message.kind != kind:
-                    raise TransportError(f"expected a {KIND_NAMES[kind]} message from loader rank {self.src}, "
-                                         f"got {KIND_NAMES.get(message.kind, message.kind)}")
-                if message.batch.size == 0:
-                    break
-                self.extras[kind].append(message.batch)
-        return self.extras
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        start = time.perf_counter()
-        message = self._get()
-        self.wait_s += time.perf_counter() - start
-        if message.kind == END:
-            raise StopIteration
-        if message.kind != BATCH:
-            raise TransportError(f"unexpected {KIND_NAMES.get(message.kind)} message from loader rank {self.src}")
-        self.bytes += message.nbytes
-        self.encode_s += message.stats["encode_s"]
-        self.batches += 1
-        self.stats = message.stats
-        return message.batch
-
-    def drain(self) -> None:
-        """Discard what the loader still sends until its END (after asking it to stop)."""
-        while True:
-            try:
-                next(self)
-            except StopIteration:
-                return
-
-
-class LocalBatches:
-    """World size 1: the same iterator interface, encoding in this process on demand."""
-
-    def __init__(self, producer, start_step: int, end_step: int):
-        self.producer = producer
-        self.step, self.end_step = start_step, end_step
-        self.wait_s = 0.0
-        self.bytes = 0
-        self.encode_s = 0.0
-        self.batches = 0
-        self.stats: dict = {}
-        producer.start(start_step, end_step)
-
-    def startup(self, kinds: tuple[int, ...] = ()) -> dict[int, list[Batch]]:
-        return {kind: self.producer.extras(kind) for kind in kinds}
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        if self.step >= self.end_step:
-            raise StopIteration
-        start = time.perf_counter()
-        batch, self.stats = self.producer.next()
-        self.wait_s += time.perf_counter() - start
-        self.encode_s += self.stats["encode_s"]
-        self.batches += 1
-        self.step += 1
-        return batch
-
-    def drain(self) -> None:
-        self.producer.close()
