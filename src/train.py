@@ -13,6 +13,7 @@ model ranks train (DDP among themselves); at world size 1 one process does both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,10 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.distributed as dist
 
-from sd3.checkpoint import find_checkpoint
+from sd3 import stand_ins
+from sd3.checkpoint import checkpoint_dir, find_checkpoint, write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
 from sd3.metrics import log_rank, print0, set_main
+from sd3.paths import resolve
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
+from sd3.trainer import FAILED, PREEMPTED, RunResult
 
 
 def parse(argv: list[str] | None):
@@ -60,24 +64,28 @@ def dry_run(cfg) -> None:
     from sd3.model.mmdit import count_parameters
 
     print(json.dumps(to_dict(cfg), indent=2))
-    print(format_report(estimate(cfg)))
+    print(format_report(estimate(cfg, stand_in_configs=stand_ins.stand_in_configs)))
     print(f"parameters: {count_parameters(cfg.model)}")  # the last line: scripts read it
 
 
 def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
-    """Where this run starts: model ranks resolve the checkpoint, the first one's step is broadcast
-    so that every rank, loaders included, starts at the same step."""
+    """Where this run starts: the first model rank finds the checkpoint (the newest that verifies, saying
+    what it skipped) and broadcasts its step, so every rank, loaders included, starts at the same step;
+    the other model ranks check they see the same checkpoint (a shared filesystem)."""
+    first = rt.ranks.model_ranks[0]
     path = None
-    if rt.ranks.is_model(rt.rank):
-        path = find_checkpoint(args.resume, cfg.run_dir)
+    if rt.rank == first:
+        path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
     step = int(path.name.split("_")[-1]) if path is not None else 0
     if rt.distributed:
         agreed = torch.tensor([step])
-        dist.broadcast(agreed, src=rt.ranks.model_ranks[0], group=rt.ctrl_group)
-        if rt.ranks.is_model(rt.rank) and int(agreed) != step:
-            raise RuntimeError(f"rank {rt.rank} found checkpoint step {step} but the first model rank found "
-                               f"{int(agreed)}: run_dir must be on a filesystem every node shares")
+        dist.broadcast(agreed, src=first, group=rt.ctrl_group)
         step = int(agreed)
+        if rt.ranks.is_model(rt.rank) and rt.rank != first and step:
+            path = checkpoint_dir(resolve(cfg.run_dir)) / f"step_{step:08d}"
+            if not path.is_dir():
+                raise RuntimeError(f"rank {rt.rank} does not see {path}, the checkpoint the first model rank "
+                                   "resumes from: run_dir must be on a filesystem every node shares")
     return step, path
 
 
@@ -90,81 +98,115 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignal()
     rt = init_runtime(cfg, ranks)
     set_main(rt.is_logging)
+    run_dir = resolve(cfg.run_dir)
+    if rt.is_logging:
+        clear_markers(run_dir)
     print0(ranks.describe())
-    init_from = None
-    if args.init_from:
-        init_from = find_checkpoint(args.init_from, Path(args.init_from))
-    start, resume = start_step_of(args, cfg, rt)
-    if resume is not None:
-        print0(f"resuming from {resume} (step {start})")
-    accum = cfg.train.accumulation_steps
-    first, end = start * accum, cfg.train.steps * accum  # micro-steps: the sampler's clock
-    metrics = None
     try:
+        if rt.role != "model":  # loaders need the data and the encoders; model ranks load the autoencoder later
+            stand_ins.ensure(cfg, log=print0 if rt.role == "both" else lambda m: log_rank(rt.rank, "loader", m))
+        init_from = find_checkpoint(args.init_from, Path(args.init_from)) if args.init_from else None
+        start, resume = start_step_of(args, cfg, rt)
+        if resume is not None:
+            print0(f"resuming from {resume} (step {start})")
+        accum = cfg.train.accumulation_steps
+        first, end = start * accum, cfg.train.steps * accum  # micro-steps: the sampler's clock
+        result = None
         if rt.role == "both":
-            metrics = run_colocated(cfg, rt, stop, first, end, start, resume, init_from)
+            result = run_colocated(cfg, rt, stop, first, end, start, resume, init_from)
         elif rt.ranks.is_loader(rt.rank):
             from sd3.loader import run_loader
 
             run_loader(cfg, rt, start_step=first, end_step=end)
         else:
-            metrics = run_model_rank(cfg, rt, stop, start, resume, init_from)
+            result = run_model_rank(cfg, rt, stop, start, resume, init_from)
+    except BaseException as error:
+        if not isinstance(error, (KeyboardInterrupt, SystemExit)) or rt.ranks.is_loader(rt.rank):
+            write_failed(run_dir, rt, error)
+        raise
     finally:
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
-    if metrics is not None and rt.is_logging:
-        report(cfg, metrics)
+    if result is not None and rt.is_logging:
+        if result.stopped_early:   # a stop that completed: the checkpoint is whole and the loader said END
+            write_marker(run_dir, PREEMPTED, f"stopped at step {result.step} of {cfg.train.steps} on "
+                                             f"{stop.received or 'a signal to another rank'}")
+        report(cfg, result)
     return 0
 
 
-def run_colocated(cfg, rt, stop, first, end, start, resume, init_from) -> dict:
+def run_colocated(cfg, rt, stop, first, end, start, resume, init_from) -> RunResult:
     from sd3.loader import BatchProducer
+    from sd3.sources import LocalSource
     from sd3.trainer import run_trainer
-    from sd3.transport import LocalBatches
 
     producer = BatchProducer(cfg, device=rt.device, model_indices=[0], num_model_ranks=1)
     print0(producer.dataset.describe())
+    source = LocalSource(producer, first, end)
     try:
-        source = LocalBatches(producer, first, end)
         return run_trainer(cfg, rt, stop, source, start_step=start, resume=resume, init_from=init_from,
                            autoencoder=lambda: producer.ae)
     finally:
-        producer.close()
+        source.finish(start)
 
 
-def run_model_rank(cfg, rt, stop, start, resume, init_from) -> dict:
+def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
     from sd3.encoders import load_autoencoder
-    from sd3.loader import ensure_stand_in_encoders
+    from sd3.sources import RemoteSource
     from sd3.trainer import run_trainer
-    from sd3.transport import Receiver
 
-    loader = rt.ranks.loader_of(rt.rank)
-    source = Receiver(loader, group=None, device=rt.device, depth=cfg.data.prefetch, timeout_s=cfg.ranks.timeout_s)
+    source = RemoteSource(rt.ranks.loader_of(rt.rank), ctrl_group=rt.ctrl_group, device=rt.device,
+                          depth=cfg.data.prefetch, timeout_s=cfg.ranks.timeout_s)
 
     def autoencoder():
         """Loaded at the first sample grid, after the loader's startup messages: by then its encoders
         loaded (or it reported why not)."""
-        ensure_stand_in_encoders(cfg)
+        stand_ins.ensure(cfg, dataset=False, log=print0)
         return load_autoencoder(cfg.encoders, rt.device)
 
-    metrics = run_trainer(cfg, rt, stop, source, start_step=start, resume=resume, init_from=init_from,
-                          autoencoder=autoencoder)
-    # Tell the loader this rank is done, then take whatever it already sent until its END.
-    dist.send(torch.tensor([metrics["step"]]), loader, group=rt.ctrl_group)
-    source.drain()
-    return metrics
+    try:
+        result = run_trainer(cfg, rt, stop, source, start_step=start, resume=resume, init_from=init_from,
+                             autoencoder=autoencoder)
+    except BaseException:
+        # Tell the loader this rank is done, so it stops producing and ends the conversation; if the
+        # loader is what failed, there is nobody to tell.
+        with contextlib.suppress(Exception):
+            source.finish(-1)
+        raise
+    source.finish(result.step)  # a loader that died on the way is an error, not a clean stop
+    return result
 
 
-def report(cfg, metrics: dict) -> None:
-    ckpt = metrics.get("checkpoint")
-    print0(f"\nfinished at step {metrics['step']}" + (" (stopped early: rerun with --resume auto)"
-                                                     if metrics["stopped_early"] else ""))
-    print0(f"checkpoint:  {ckpt}")
-    if metrics.get("sample_grid"):
-        print0(f"sample grid: {metrics['sample_grid']}")
+def clear_markers(run_dir: Path) -> None:
+    """A PREEMPTED or FAILED left by an earlier run describes that run, not this one."""
+    for name in (PREEMPTED, FAILED):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def write_failed(run_dir: Path, rt, error: BaseException) -> None:
+    """`<run_dir>/FAILED`: one line, the first failure of this run (later ones are its consequences)."""
+    role = "loader" if rt.ranks.is_loader(rt.rank) and rt.role != "both" else "model"
+    cause = error.__cause__ if isinstance(error, SystemExit) and error.__cause__ else error
+    text = f"rank {rt.rank} ({role}): {type(cause).__name__}: {cause}".splitlines()[0]
+    with contextlib.suppress(OSError):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / FAILED, "x") as f:
+            f.write(text + "\n")
+
+
+def report(cfg, result) -> None:
+    print0(f"\nfinished at step {result.step}" + (" (stopped early: rerun with --resume auto)"
+                                                 if result.stopped_early else ""))
+    print0(f"checkpoint:  {result.checkpoint}")
+    if result.sample_grid:
+        print0(f"sample grid: {result.sample_grid}")
     prompt = cfg.log.sample_prompts[0] if cfg.log.sample_prompts else "a photograph"
-    print0(f"sample with: python infer.py --ckpt {ckpt} --prompt {json.dumps(prompt)} "
+    print0(f"sample with: python infer.py --ckpt {result.checkpoint} --prompt {json.dumps(prompt)} "
            f"--width {cfg.model.max_res} --height {cfg.model.max_res} --out samples/")
+
+
+ERRORS_WITHOUT_TRACEBACK = ("Diverged", "PeerFailed", "CheckpointError", "NoSpaceError", "TransportError",
+                            "LoaderFailed", "DataError")
 
 
 if __name__ == "__main__":
@@ -177,4 +219,6 @@ if __name__ == "__main__":
         import os
 
         log_rank(int(os.environ.get("RANK", "0")), "error", f"{type(error).__name__}: {error}")
+        if type(error).__name__ in ERRORS_WITHOUT_TRACEBACK:  # the message says it all
+            sys.exit(1)
         raise

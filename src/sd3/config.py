@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,12 @@ class TrainConfig:
     """AdamW weight decay on matrices (never on norms, biases, scalars or embedders)."""
     grad_clip: float = 1.0
     """Gradient-norm clip, always applied."""
+    max_bad_steps: int = 20
+    """Stop the run after this many bad steps in a row (non-finite or exploding gradient: not applied),
+    naming the last good step; no checkpoint of a bad stretch is ever written."""
+    grad_spike_factor: float = 20.0
+    """A step whose gradient norm exceeds this multiple of the running mean of good ones is bad (not
+    applied); 0 turns the check off (non-finite gradients are always bad)."""
     accumulation_steps: int = 2
     """Micro-batches per optimizer step."""
     ema_decay: float = 0.99
@@ -313,6 +320,21 @@ class Config:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}={value} must be positive")
+        for key, (owner, spec) in field_paths(self).items():  # inf or nan in any float is a typo, never a setting
+            value = getattr(owner, spec.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{key}={value} must be a finite number")
+        if t.min_lr < 0 or t.min_lr > t.lr:
+            raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+        if t.eps <= 0 or t.weight_decay < 0 or not all(0 <= b < 1 for b in t.betas):
+            raise ConfigError(f"train.eps={t.eps} must be positive, train.weight_decay={t.weight_decay} >= 0 and "
+                              f"train.betas={t.betas} in [0, 1)")
+        if t.max_bad_steps < 1 or t.grad_spike_factor < 0:
+            raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 1 and train.grad_spike_factor="
+                              f"{t.grad_spike_factor} >= 0 (0: off)")
+        if m.rope_theta <= 0 or self.log.peak_tflops <= 0:
+            raise ConfigError("model.rope_theta and log.peak_tflops must be positive")
         if d.val_rows < 0:
             raise ConfigError(f"data.val_rows={d.val_rows} must be >= 0")
         if not 0.0 <= t.ema_decay < 1.0:

@@ -82,8 +82,8 @@ def format_line(step: int, total: int, metrics: dict[str, float]) -> str:
         parts.append(f"encode {metrics['loader_encode_ms']:.0f} ms")
     if metrics.get("wire_mb_per_step"):
         parts.append(f"{metrics['wire_mb_per_step']:.2f} MB/step")
-    if metrics.get("corrupt_rows"):
-        parts.append(f"{int(metrics['corrupt_rows'])} corrupt rows replaced")
+    if metrics.get("bad_rows"):
+        parts.append(f"{int(metrics['bad_rows'])} corrupt or unreadable rows replaced")
     if metrics.get("skipped_steps"):
         parts.append(f"skipped {int(metrics['skipped_steps'])} non-finite")
     return " | ".join(parts)

@@ -1,18 +1,23 @@
-"""Model ranks: the training step and the loop around it.
+"""Model ranks: the training step and the run around it.
 
 `train_step` is one optimizer step over `accumulation_steps` micro-batches; it is the same function
 at world size 1 (batches encoded in-process) and under torchrun (batches received from a loader,
-model wrapped in DDP over the model ranks). `run_trainer` adds what a run needs around it: resume,
-EMA, logging averaged over model ranks, sample grids, validation, checkpoints and a clean stop.
+model wrapped in DDP over the model ranks). `Trainer` is the run around it, read top-down in `fit`:
+resume, EMA, metrics reduced over the model ranks, validation, sample grids, checkpoints, the
+divergence guard, and a stop every model rank agrees on.
+
+    trainer = Trainer(cfg, rt, source, resume=..., init_from=..., autoencoder=...)
+    result = trainer.fit(stop)          # RunResult: the last step, why it stopped, the last metrics
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +27,7 @@ from tqdm import tqdm
 
 from sd3.batch import Batch
 from sd3.checkpoint import CheckpointWriter, load_tensors, load_train_state, load_weights
-from sd3.config import Config, FlowConfig, to_dict
+from sd3.config import Config, FlowConfig, TrainConfig, to_dict
 from sd3.ema import EMA
 from sd3.flow import Cond, dropout_keep, flow_loss, shift_for, shift_t, step_generator
 from sd3.inference import generate_latents, make_grid, to_pil
@@ -30,10 +35,24 @@ from sd3.metrics import Logger, TimeBins, format_line, mfu, print0
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
 from sd3.optim import build_optimizer, lr_at, set_lr
 from sd3.parallel import parallelize
+from sd3.paths import resolve
 from sd3.runtime import Runtime, StopSignal
+from sd3.sources import BatchSource
 from sd3.transport import PROMPTS, VALIDATION
 
-PREEMPTED = "PREEMPTED"  # marker the SLURM script reads: the run stopped early and wants a requeue
+PREEMPTED = "PREEMPTED"
+"""Marker in the run directory: the run stopped for a signal, cleanly; the SLURM script requeues it."""
+FAILED = "FAILED"
+"""Marker in the run directory: the first failure of the run, in one line."""
+
+
+class Diverged(RuntimeError):
+    """Training has gone bad (non-finite or exploding steps, a non-finite validation loss or weights):
+    the run stops without writing a checkpoint of the bad stretch."""
+
+
+class PeerFailed(RuntimeError):
+    """Another model rank failed and asked every model rank to stop with it (its own message says why)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,7 +91,7 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
 
 
 def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index: int,
-               device: torch.device) -> StepResult:
+               device: torch.device, guard: DivergenceGuard | None = None) -> StepResult:
     """Optimizer step `step` (0-based) over the next `accumulation_steps` batches of `batches`.
 
     Gradients are synchronised only on the last micro-batch (DDP's no_sync before it). Every random
@@ -102,50 +121,188 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
     if len(losses) < n:
         raise RuntimeError(f"the data ended inside optimizer step {step} ({len(losses)} of {n} micro-batches)")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    # A non-finite gradient (the same on every rank after the all-reduce) skips the update instead of
-    # poisoning the weights and the optimizer state (MicroDiT's NaN catcher does the same). The fused
-    # AdamW skips on the device when `found_inf` is set (as for GradScaler), moments and step count
-    # included: no host sync to decide.
-    skipped = ~torch.isfinite(grad_norm.detach())
+    # A bad gradient (non-finite, or exploding: `DivergenceGuard`; the same on every rank after the
+    # all-reduce) skips the update instead of poisoning the weights and the optimizer state (MicroDiT's
+    # NaN catcher does the same). The fused AdamW skips on the device when `found_inf` is set (as for
+    # GradScaler), moments and step count included: no host sync to decide.
+    grad_norm = grad_norm.detach()
+    skipped = guard.judge(grad_norm) if guard is not None else ~torch.isfinite(grad_norm)
     optimizer.found_inf = skipped.float()
     lr = lr_at(step, cfg.train)
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=torch.stack(losses).mean(), per_sample=torch.cat(per_sample), t=torch.cat(ts),
-                      grad_norm=grad_norm.detach(), lr=lr, samples=samples, flops=flops, skipped=skipped)
+                      grad_norm=grad_norm, lr=lr, samples=samples, flops=flops, skipped=skipped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's state and its divergence guard
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """A run's progress besides weights, EMA and optimizer: what a checkpoint's train_state.pt holds."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    skipped: int = 0
+    """Steps not applied (non-finite or exploding gradient) so far."""
+    wandb_id: str = ""
+    grad_norm_mean: float = 0.0
+    """The divergence guard's running mean of good gradient norms (a resume judges spikes alike)."""
+    good_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in state:
+                setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+
+
+class DivergenceGuard:
+    """Tells bad steps from good ones on the device, without a host sync: a step is bad when its gradient
+    norm is not finite, or exceeds `train.grad_spike_factor` times the running mean of good ones (after
+    `WARMUP` good steps). Bad steps are not applied. The host reads the run of bad steps only where it
+    acts on it (`check`, at log steps and before a checkpoint): `train.max_bad_steps` in a row stop the
+    run, naming the last good step."""
+
+    WARMUP = 10
+    MOMENTUM = 0.9
+
+    def __init__(self, cfg: TrainConfig, state: TrainState, device: torch.device):
+        self.max_bad, self.factor = cfg.max_bad_steps, cfg.grad_spike_factor
+        as_tensor = lambda v, dtype: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+        self.skipped = as_tensor(state.skipped, torch.int64)
+        self.mean = as_tensor(state.grad_norm_mean, torch.float32)
+        self.good = as_tensor(state.good_steps, torch.int64)
+        self.bad_run = as_tensor(0, torch.int64)
+        self.last_good = as_tensor(state.step, torch.int64)
+
+    def judge(self, grad_norm: Tensor) -> Tensor:
+        """() bool: whether this step's update must be skipped."""
+        bad = ~torch.isfinite(grad_norm)
+        if self.factor > 0:
+            bad |= (self.good >= self.WARMUP) & (grad_norm > self.factor * self.mean)
+        return bad
+
+    def record(self, step: int, bad: Tensor, grad_norm: Tensor) -> None:
+        """After optimizer step `step` (1-based) was judged."""
+        good = ~bad
+        first = self.good == 0
+        blended = torch.where(first, grad_norm, self.MOMENTUM * self.mean + (1 - self.MOMENTUM) * grad_norm)
+        self.mean = torch.where(good, blended.float(), self.mean)
+        self.good += good.long()
+        self.skipped += bad.long()
+        self.bad_run = torch.where(bad, self.bad_run + 1, 0)
+        self.last_good = torch.where(good, torch.full_like(self.last_good, step), self.last_good)
+
+    def clean(self) -> bool:
+        """Whether the latest step was good (a host sync: ask only where it matters)."""
+        return int(self.bad_run) == 0
+
+    def check(self) -> None:
+        bad_run = int(self.bad_run)
+        if bad_run >= self.max_bad:
+            raise Diverged(f"{bad_run} bad steps in a row (non-finite or exploding gradients, not applied) "
+                           f"since step {int(self.last_good)}, the last good step; no checkpoint of the bad "
+                           "stretch was written. Resume from the newest checkpoint (--resume auto) with a lower "
+                           "--train.lr (or a longer --train.warmup)")
+
+    def save_to(self, state: TrainState) -> None:
+        state.skipped, state.grad_norm_mean = int(self.skipped), float(self.mean)
+        state.good_steps = int(self.good)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Agreeing to stop
 # ---------------------------------------------------------------------------------------------------
 
+GO_ON, STOP, FAIL = 0, 1, 2
+"""Stop-vote values: the largest wins, so a failure anywhere stops every rank as a failure."""
+
 
 class StopVote:
-    """Model ranks stop after the same step. Each step's local request is all-reduced (MAX) without
-    blocking and read one step later, so no rank waits for it and a signal that reaches the ranks at
-    different moments still stops them together. It travels on a gloo group of CPU tensors: reading it
-    never waits for the GPU."""
+    """Model ranks stop after the same step. Each step's local request (GO_ON, STOP for a signal, FAIL
+    when this rank cannot go on) is all-reduced (MAX) without blocking and read one step later, so no
+    rank waits for it and a signal that reaches the ranks at different moments still stops them
+    together. It travels on a gloo group of CPU tensors: reading it never waits for the GPU."""
 
     def __init__(self, group):
         self.group = group
         self._pending: tuple | None = None
 
-    def __call__(self, requested: bool) -> bool:
+    def __call__(self, request: int) -> int:
         if self.group is None:
-            return requested
+            return request
         decided = self.close()
-        flag = torch.tensor([int(requested)])
+        flag = torch.tensor([request])
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return decided
 
-    def close(self) -> bool:
+    def close(self) -> int:
         if self._pending is None:
-            return False
+            return GO_ON
         work, flag = self._pending
         self._pending = None
         work.wait()
-        return bool(flag.item())
+        return int(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a log line reports
+# ---------------------------------------------------------------------------------------------------
+
+
+class MetricsWindow:
+    """The sums behind one log line, accumulated between log steps: the loss and the t-bins stay on the
+    device (no host sync per step); at the log step every field is packed into one tensor and summed
+    over the model ranks in one all-reduce."""
+
+    FIELDS = ("loss", "steps", "samples", "flops", "wait_fraction", "bytes", "encode_s", "batches")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.bins = TimeBins(device=device)
+        self.steps = self.samples = 0
+        self.flops = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        self.loss += result.loss
+        self.bins.add(result.t, result.per_sample)
+        self.steps += 1
+        self.samples += result.samples
+        self.flops += result.flops
+
+    def reduce(self, source: dict[str, float], group) -> dict[str, float]:
+        """Totals over the model ranks. `source`: this rank's data counters over the window (wait_s,
+        bytes, encode_s, batches); its wait becomes a fraction of this rank's own window first, so the
+        mean over ranks stays in [0, 1] however the ranks' windows differ."""
+        elapsed = time.perf_counter() - self.start
+        local = {"steps": self.steps, "samples": self.samples, "flops": self.flops,
+                 "wait_fraction": min(1.0, source["wait_s"] / max(elapsed, 1e-9)), "bytes": source["bytes"],
+                 "encode_s": source["encode_s"], "batches": source["batches"]}
+        host = torch.tensor([local[k] for k in self.FIELDS[1:]], dtype=torch.float64)
+        packed = torch.cat([self.loss[None], host.to(self.device), self.bins.state()])
+        if group is not None:
+            dist.all_reduce(packed, group=group)
+        values = packed.cpu().tolist()
+        totals = dict(zip(self.FIELDS, values))
+        totals["elapsed"] = elapsed
+        totals.update(self.bins.summary(torch.tensor(values[len(self.FIELDS):], dtype=torch.float64)))
+        return totals
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.bins.reset()
+        self.steps = self.samples = 0
+        self.flops = 0.0
+        self.start = time.perf_counter()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,13 +364,23 @@ def sample_grid(model: MMDiT, prompts: Batch, ae, cfg: Config, path: Path) -> Pa
 
 
 # ---------------------------------------------------------------------------------------------------
-# The model-rank loop
+# The run
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RunResult:
+    step: int
+    stopped_early: bool = False
+    """A stop signal ended the run before `train.steps` (a resume continues it)."""
+    metrics: dict = field(default_factory=dict)
+    checkpoint: str = ""
+    sample_grid: str = ""
+
+
 def build_model(cfg: Config, device: torch.device, *, resume: Path | None, init_from: Path | None):
-    """The model (identical on every model rank: same seed, then DDP broadcasts), EMA and optimizer,
-    restored from `resume` (everything) or `init_from` (weights and EMA only)."""
+    """The model (identical on every model rank: same seed, then DDP broadcasts), EMA, optimizer and
+    state, restored from `resume` (everything) or `init_from` (weights and EMA only)."""
     torch.manual_seed(cfg.train.seed)
     model = MMDiT(cfg.model).to(device)
     ema_device = "cpu" if cfg.train.ema_device == "cpu" else device
@@ -224,133 +391,180 @@ def build_model(cfg: Config, device: torch.device, *, resume: Path | None, init_
     if source is not None:
         ema.load_state_dict(load_tensors(source, "ema.safetensors"))
     optimizer = build_optimizer(model, cfg.train)
-    state = {}
+    state = TrainState()
     if resume is not None:
-        state = load_train_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
+        saved = load_train_state(resume)
+        optimizer.load_state_dict(saved["optimizer"])
+        state.load_state_dict(saved)
     return model, ema, optimizer, state
 
 
-def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_step: int,
-                resume: Path | None = None, init_from: Path | None = None, autoencoder=None) -> dict:
-    """Train from `start_step` to `cfg.train.steps` (or a stop signal). Returns the final metrics.
+class Trainer:
+    """One model rank's run. The first model rank also logs, validates, samples and writes checkpoints;
+    the others train and take part in every reduction and vote."""
 
-    `autoencoder()` gives the autoencoder that decodes sample grids (first model rank, on first use)."""
-    device, total, run_dir = rt.device, cfg.train.steps, Path(cfg.run_dir)
-    model, ema, optimizer, state = build_model(cfg, device, resume=resume, init_from=init_from)
-    if resume is not None and state["step"] != start_step:
-        raise RuntimeError(f"{resume} holds step {state['step']}, but the run was told to start at {start_step}")
-    train_model = parallelize(model, cfg.train, group=rt.model_group, device=device)
-    rank_index = rt.ranks.model_index(rt.rank)
-    n_model = len(rt.ranks.model_ranks)
+    def __init__(self, cfg: Config, rt: Runtime, source: BatchSource, *, resume: Path | None = None,
+                 init_from: Path | None = None, autoencoder=None):
+        self.cfg, self.rt, self.source, self.device = cfg, rt, source, rt.device
+        self.model, self.ema, self.optimizer, self.state = build_model(cfg, rt.device, resume=resume,
+                                                                       init_from=init_from)
+        self.train_model = parallelize(self.model, cfg.train, group=rt.model_group, device=rt.device)
+        self.guard = DivergenceGuard(cfg.train, self.state, rt.device)
+        self.window = MetricsWindow(rt.device)
+        self.run_dir = resolve(cfg.run_dir)
+        self.logging = rt.is_logging
+        self.writer = CheckpointWriter(self.run_dir, cfg.log.keep_last) if self.logging else None
+        self.logger = Logger(cfg.log, run_dir=self.run_dir, config=to_dict(cfg), run_id=self.state.wandb_id or None,
+                             enabled=self.logging)
+        self.state.wandb_id = self.logger.run_id or ""
+        extras = source.startup((PROMPTS, VALIDATION)) if self.logging else {}
+        self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
+        self.autoencoder, self._ema_model, self._ae = autoencoder, None, None
+        self._source_mark = dataclasses.asdict(source.counters)
+        self.metrics: dict = {}
+        self.last_saved: Path | None = None
 
-    logging = rt.is_logging
-    writer = CheckpointWriter(run_dir, cfg.log.keep_last) if logging else None
-    logger = Logger(cfg.log, run_dir=run_dir, config=to_dict(cfg), run_id=state.get("wandb_id"), enabled=logging)
-    extras = source.startup((PROMPTS, VALIDATION)) if logging else {}
-    prompts = extras.get(PROMPTS, [])
-    val_batches = extras.get(VALIDATION, [])
-    ema_model = ae = None
+    # -- the story ------------------------------------------------------------------------------------
+    def fit(self, stop: StopSignal) -> RunResult:
+        """Train to `train.steps`, or until a signal (every rank stops after the same step), a failure
+        on any model rank, or divergence."""
+        cfg, total = self.cfg, self.cfg.train.steps
+        self.announce()
+        vote, batches = StopVote(self.rt.model_ctrl_group), iter(self.source)
+        decision = GO_ON
+        with tqdm(total=total, initial=self.state.step, desc="train", disable=not self.logging,
+                  dynamic_ncols=True) as bar:
+            while self.state.step < total:
+                result = train_step(self.train_model, self.optimizer, batches, step=self.state.step, cfg=cfg,
+                                    rank_index=self.rt.ranks.model_index(self.rt.rank), device=self.device,
+                                    guard=self.guard)
+                self.state.step += 1
+                self.after_step(result)
+                self.periodic(result, bar)
+                bar.update(1)
+                decision = vote(self.request(stop))
+                if decision != GO_ON and self.state.step < total:
+                    break
+        vote.close()
+        if decision == FAIL:
+            self.raise_failure()
+        return self.finish(stopped_early=decision == STOP and self.state.step < total, stop=stop)
 
-    def grid(step: int) -> Path:
-        nonlocal ema_model, ae
-        if ema_model is None:
-            ema_model, ae = MMDiT(cfg.model).to(device).eval(), autoencoder()
-        ema.copy_to(ema_model)
-        return sample_grid(ema_model, prompts[0], ae, cfg, run_dir / "samples" / f"step_{step:08d}.png")
+    def after_step(self, result: StepResult) -> None:
+        self.guard.record(self.state.step, result.skipped, result.grad_norm)
+        self.ema.update(self.state.step)
+        self.window.add(result)
 
-    def save(step: int, blocking: bool = False) -> Path:
-        train_state = {"step": step, "optimizer": optimizer.state_dict(), "wandb_id": logger.run_id or "",
-                       "rng": torch.get_rng_state(), "skipped": int(skipped)}
-        return writer.save(step, model=model, ema_state=ema.state_dict(), cfg=cfg, train_state=train_state,
-                           blocking=blocking)
+    def periodic(self, result: StepResult, bar) -> None:
+        """What is due after this step: a log line, validation, a sample grid, a checkpoint."""
+        step, log = self.state.step, self.cfg.log
+        if step % log.every == 0 or step == self.cfg.train.steps:
+            self.log_window(result, bar)
+            self.guard.check()
+        if self.logging and log.val_every and self.val_batches and step % log.val_every == 0:
+            self.validate()
+        if self.logging and log.sample_every and self.prompts and step % log.sample_every == 0:
+            self.logger.image(step, "samples", self.sample(), caption=" | ".join(self.cfg.log.sample_prompts))
+        if self.logging and step % log.save_every == 0:
+            self.save()
 
-    print0(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {n_model} model rank(s), "
-           f"steps {start_step} -> {total}, {cfg.data.batch_size} x {n_model} x {cfg.train.accumulation_steps} "
-           f"samples per optimizer step")
-    vote = StopVote(rt.model_ctrl_group)
-    bins = TimeBins(device=device)
-    skipped = torch.tensor(int(state.get("skipped", 0)), device=device)  # read at log and save steps only
-    # Accumulated between log steps; the loss stays on the device (no host sync per step).
-    window = torch.zeros(5, dtype=torch.float64)  # loss sum (filled at log time), steps, samples, flops, wait
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    last_log, last_wait, last_bytes, last_enc = time.perf_counter(), source.wait_s, source.bytes, source.encode_s
-    last_batches = source.batches
-    metrics: dict = {}
-    last_saved = None
-    step = start_step
-    batches = iter(source)
-    bar = tqdm(total=total, initial=start_step, desc="train", disable=not logging, dynamic_ncols=True)
-    stopped_early = False
-    while step < total:
-        result = train_step(train_model, optimizer, batches, step=step, cfg=cfg, rank_index=rank_index, device=device)
-        step += 1
-        ema.update(step)
-        skipped += result.skipped
-        loss_sum += result.loss
-        window += torch.tensor([0.0, 1, result.samples, result.flops, 0.0], dtype=torch.float64)
-        bins.add(result.t, result.per_sample)
+    def request(self, stop: StopSignal) -> int:
+        """This rank's vote: FAIL when its background checkpoint write failed, STOP on a signal."""
+        if self.writer is not None and self.writer.failed():
+            return FAIL
+        return STOP if stop.requested else GO_ON
 
-        if step % cfg.log.every == 0 or step == total:
-            now = time.perf_counter()
-            window[4] = source.wait_s - last_wait
-            extra = torch.tensor([source.bytes - last_bytes, source.encode_s - last_enc,
-                                  source.batches - last_batches], dtype=torch.float64)
-            local = torch.cat([window.to(device), bins.state(), extra.to(device)])
-            local[0] = loss_sum
-            if rt.model_group is not None:
-                dist.all_reduce(local, group=rt.model_group)
-            local = local.cpu()
-            elapsed = now - last_log
-            total_loss, steps, samples, flops, wait = local[:5].tolist()
-            nbytes, enc_s, n_batches = local[-3:].tolist()
-            metrics = {
-                "loss": total_loss / steps, "lr": result.lr, "grad_norm": float(result.grad_norm),
-                "images_per_s": samples / elapsed, "mfu": mfu(flops / elapsed, cfg.log.peak_tflops, n_model),
-                "data_wait": wait / (elapsed * n_model), "skipped_steps": int(skipped),
-                "loader_encode_ms": 1e3 * enc_s / max(n_batches, 1),
-                "wire_mb_per_step": nbytes / 1e6 / max(steps / n_model, 1),
-                "corrupt_rows": float(source.stats.get("corrupt", 0)),  # so far, by this rank's loader
-                **bins.summary(local[5 : 5 + 2 * bins.bins]),
-            }
-            if logging:
-                logger.log(step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-                tqdm.write(format_line(step, total, metrics))
-            window.zero_()
-            loss_sum.zero_()
-            bins.reset()
-            last_log, last_wait, last_bytes, last_enc = now, source.wait_s, source.bytes, source.encode_s
-            last_batches = source.batches
-        bar.update(1)
-
-        if logging and cfg.log.val_every and val_batches and step % cfg.log.val_every == 0:
-            metrics.update(validation_loss(model, val_batches, cfg, device))
-            logger.log(step, {k: v for k, v in metrics.items() if k.startswith("val/")})
-            tqdm.write(f"step {step}: validation loss {metrics['val/loss']:.4f}")
-        if logging and cfg.log.sample_every and prompts and step % cfg.log.sample_every == 0:
-            path = grid(step)
-            logger.image(step, "samples", path, caption=" | ".join(cfg.log.sample_prompts))
-        if logging and step % cfg.log.save_every == 0:
-            last_saved = save(step)
-        if vote(stop.requested) and step < total:
-            stopped_early = True
-            print0(f"stopping at step {step} on {stop.received or 'a signal on another rank'}")
-            break
-    vote.close()
-    bar.close()
-
-    if logging:
-        if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
-            last_saved = save(step, blocking=True)
-        writer.wait()
-        marker = run_dir / PREEMPTED
+    def finish(self, *, stopped_early: bool, stop: StopSignal) -> RunResult:
+        step = self.state.step
+        result = RunResult(step=step, stopped_early=stopped_early, metrics=self.metrics)
         if stopped_early:
-            marker.write_text(f"stopped at step {step} of {total} on {stop.received or 'a peer signal'}\n")
-        if not stopped_early and prompts:
-            metrics["sample_grid"] = str(grid(step))
-        metrics["checkpoint"] = str(last_saved)
-        logger.finish()
-    metrics["step"] = step
-    metrics["stopped_early"] = stopped_early
-    return metrics
+            print0(f"stopping at step {step} on {stop.received or 'a signal on another rank'}")
+        if self.logging:
+            if self.last_saved is None or self.last_saved.name != f"step_{step:08d}":
+                self.save(blocking=True)
+            self.writer.wait()
+            result.checkpoint = str(self.last_saved)
+            if not stopped_early and self.prompts:
+                result.sample_grid = str(self.sample())
+            self.logger.finish()
+        return result
+
+    def raise_failure(self) -> None:
+        if self.writer is not None and self.writer.failed():
+            self.writer.wait()  # raises its error
+        raise PeerFailed(f"model rank {self.rt.ranks.model_ranks[0]} could not go on (its message above says "
+                         f"why); every model rank stopped after step {self.state.step}")
+
+    # -- the parts ------------------------------------------------------------------------------------
+    def announce(self) -> None:
+        n, cfg = len(self.rt.ranks.model_ranks), self.cfg
+        print0(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {n} model rank(s), "
+               f"steps {self.state.step} -> {cfg.train.steps}, {cfg.data.batch_size} x {n} x "
+               f"{cfg.train.accumulation_steps} samples per optimizer step")
+
+    def log_window(self, result: StepResult, bar) -> None:
+        counters = dataclasses.asdict(self.source.counters)
+        delta = {k: counters[k] - self._source_mark[k] for k in ("wait_s", "bytes", "encode_s", "batches")}
+        self._source_mark = counters
+        totals = self.window.reduce(delta, self.rt.model_group)
+        self.window.reset()
+        n_model, elapsed = len(self.rt.ranks.model_ranks), totals["elapsed"]
+        self.metrics = {
+            "loss": totals["loss"] / totals["steps"], "lr": result.lr, "grad_norm": float(result.grad_norm),
+            "images_per_s": totals["samples"] / elapsed, "images_seen": self.images_seen(),
+            "mfu": mfu(totals["flops"] / elapsed, self.cfg.log.peak_tflops, n_model),
+            "data_wait": totals["wait_fraction"] / n_model, "skipped_steps": int(self.guard.skipped),
+            "loader_encode_ms": 1e3 * totals["encode_s"] / max(totals["batches"], 1),
+            "wire_mb_per_step": totals["bytes"] / 1e6 / max(totals["steps"] / n_model, 1),
+            "bad_rows": float(counters["bad_rows"]),  # so far, replaced by this rank's loader
+            **{k: v for k, v in totals.items() if k.startswith("loss_t/")},
+        }
+        if self.device.type == "cuda":
+            self.metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.logging:
+            self.logger.log(self.state.step, self.metrics)
+            bar.set_postfix(loss=f"{self.metrics['loss']:.4f}", img_s=f"{self.metrics['images_per_s']:.1f}")
+            tqdm.write(format_line(self.state.step, self.cfg.train.steps, self.metrics))
+
+    def images_seen(self) -> int:
+        n = len(self.rt.ranks.model_ranks)
+        return self.state.step * self.cfg.train.accumulation_steps * self.cfg.data.batch_size * n
+
+    def validate(self) -> None:
+        val = validation_loss(self.model, self.val_batches, self.cfg, self.device)
+        self.metrics.update(val)
+        self.logger.log(self.state.step, val)
+        tqdm.write(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
+        if not math.isfinite(val["val/loss"]):
+            raise Diverged(f"the validation loss at step {self.state.step} is {val['val/loss']}; no checkpoint "
+                           "of it was written. Resume from the newest checkpoint with a lower --train.lr")
+
+    def sample(self) -> Path:
+        if self._ema_model is None:
+            self._ema_model, self._ae = MMDiT(self.cfg.model).to(self.device).eval(), self.autoencoder()
+        self.ema.copy_to(self._ema_model)
+        path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
+        return sample_grid(self._ema_model, self.prompts[0], self._ae, self.cfg, path)
+
+    def save(self, blocking: bool = False) -> None:
+        """A checkpoint of this step, unless the step was bad: none is written from a bad stretch."""
+        if not self.guard.clean():
+            print0(f"step {self.state.step}: no checkpoint (the last {int(self.guard.bad_run)} steps were bad)")
+            return
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            raise Diverged(f"the weights are not finite at step {self.state.step}; no checkpoint of them was "
+                           "written. Resume from the newest checkpoint with a lower --train.lr")
+        self.guard.save_to(self.state)
+        train_state = {"optimizer": self.optimizer.state_dict(), **self.state.state_dict()}
+        self.last_saved = self.writer.save(self.state.step, model=self.model, ema_state=self.ema.state_dict(),
+                                           cfg=self.cfg, train_state=train_state, blocking=blocking)
+
+
+def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source: BatchSource, *, start_step: int,
+                resume: Path | None = None, init_from: Path | None = None, autoencoder=None) -> RunResult:
+    """Train from `start_step` to `cfg.train.steps` (or a stop). `autoencoder()` gives the autoencoder that
+    decodes sample grids (first model rank, on first use)."""
+    trainer = Trainer(cfg, rt, source, resume=resume, init_from=init_from, autoencoder=autoencoder)
+    if trainer.state.step != start_step:
+        raise RuntimeError(f"{resume} holds step {trainer.state.step}, but the run was told to start at {start_step}")
+    return trainer.fit(stop)
