@@ -245,7 +245,7 @@ def _build_modernbert(out: Path, *, width: int, key: str) -> None:
 def _build_clip(out: Path, *, width: int) -> None:
     """A full CLIPModel (text and vision towers), as MetaCLIP ships, so the loader's path that takes the
     text tower with its projection out of a full checkpoint is the one tested."""
-    from transformers import AutoModel, CLIPConfig
+    from transformers import AutoModel, CLIPConfig, CLIPImageProcessor
 
     if width < 1:
         raise ConfigError(f"model.pooled_dim={width} must be positive")
@@ -264,6 +264,10 @@ def _build_clip(out: Path, *, width: int) -> None:
         model = AutoModel.from_config(config, attn_implementation="sdpa")
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    # CLIP's own preprocessing at the tower's 32 px, so the checkpoint also serves image-text scoring
+    # (sd3.evaluation.ClipScore) as a full CLIP checkpoint does.
+    CLIPImageProcessor(size={"shortest_edge": vision["image_size"]},
+                       crop_size={"height": vision["image_size"], "width": vision["image_size"]}).save_pretrained(out)
 
 
 def _build_autoencoder(out: Path, *, channels: int) -> None:
