@@ -233,7 +233,9 @@ def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source, *, start_ste
 
     logging = rt.is_logging
     writer = CheckpointWriter(run_dir, cfg.log.keep_last) if logging else None
-    logger = Logger(cfg.log, run_dir=run_dir, config=to_dict(cfg), run_id=state.get("wandb_id"), enabled=logging)
+    logger = Logger(cfg.log, run_dir=run_dir, config=to_dict(cfg), run_id=state.get("wandb_id"), enabled=logging,
+                    start_step=start_step,
+                    images_per_step=cfg.data.batch_size * n_model * cfg.train.accumulation_steps)
     extras = source.startup((PROMPTS, VALIDATION)) if logging else {}
     prompts = extras.get(PROMPTS, [])
     val_batches = extras.get(VALIDATION, [])
