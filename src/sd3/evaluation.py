@@ -29,10 +29,12 @@ Contract:
 For evaluation during training, across model ranks (nothing here touches torch.distributed except
 `gather_stats`, which takes a process group):
 
-    # every model rank, on its own share of the evaluation rows:
+    # every model rank, on its own share of the evaluation rows, e.g. held-out rows decoded with
+    # dataset.holdout_batches(b, rows=rows[rank::world], dtype=torch.uint8):
     real, fake = FeatureStats.empty(device=device), FeatureStats.empty(device=device)
     real.add(inception(real_uint8)); fake.add(inception(generated_uint8))
-    clip_sums = torch.stack([clip(generated_uint8, captions).sum(), torch.tensor(len(captions))])
+    scores = clip(generated_uint8, captions)                         # (B,)
+    clip_sums = torch.tensor([float(scores.sum()), len(scores)], dtype=torch.float64, device=device)
     # then, on every model rank (a collective: all of them call it):
     real, fake = gather_stats(real, group), gather_stats(fake, group)
     dist.all_reduce(clip_sums, group=group)
@@ -41,9 +43,10 @@ For evaluation during training, across model ranks (nothing here touches torch.d
     logger.log(step, metrics)         # the first model rank; plot_run.py plots every eval/* key
 
 The statistics are sums (count, sum of x, sum of x x^T, in float64) plus the features themselves for
-KID, so merging shares gives exactly the statistics of all the images together: FID and KID do not
-depend on how the images were split over ranks (the real images' statistics can be computed once and
-kept). `FeatureStats.merge` does the same without a process group.
+KID, so merging shares gives exactly the statistics of all the images together: FID does not depend on
+how the images were split over ranks, and KID sees the same feature sets (its seeded subsets are drawn
+over the features in rank order). The real images' statistics can be computed once and kept.
+`FeatureStats.merge` does the same as `gather_stats` without a process group.
 """
 
 from __future__ import annotations
