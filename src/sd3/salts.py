@@ -18,6 +18,10 @@ ROW_REPLACE = 0x5EED_0102
 HOLDOUT_ROWS = 0x5EED_0103
 """Which rows are held out for validation."""
 HOLDOUT_CAPTIONS = 0x5EED_0104
+ROW_CAPTION = 0x5EED_0105
+"""The caption of a row evaluated outside the held-out set (sd3.evaluation, `--split all`)."""
+EVAL_ROWS = 0x5EED_0E01
+"""The rows src/evaluate.py draws (with its --seed)."""
 # Conditioning and latents
 CAPTION_DROPOUT = 0xD409
 """Per sample: which text streams and the pooled vector are nulled (the loader draws the same)."""

@@ -336,7 +336,7 @@ def _clip_config(width: int, vocab_size: int = VOCAB_SIZE, **token_ids: int):
 def _build_clip(out: Path, *, width: int) -> None:
     """A full CLIPModel (text and vision towers), as MetaCLIP ships, so the loader's path that takes the
     text tower with its projection out of a full checkpoint is the one tested."""
-    from transformers import AutoModel
+    from transformers import AutoModel, CLIPImageProcessor
 
     if width < 1:
         raise ConfigError(f"model.pooled_dim={width} must be positive")
@@ -349,6 +349,10 @@ def _build_clip(out: Path, *, width: int) -> None:
         model = AutoModel.from_config(config, attn_implementation="sdpa")
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    # CLIP's own preprocessing at the tower's 32 px, so the checkpoint also serves image-text scoring
+    # (sd3.evaluation.ClipScore) as a full CLIP checkpoint does.
+    side = config.vision_config.image_size
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(out)
 
 
 def _autoencoder_config(channels: int) -> dict:

@@ -415,7 +415,7 @@ class Trainer:
         self.logging = rt.is_logging
         self.writer = CheckpointWriter(self.run_dir, cfg.log.keep_last) if self.logging else None
         self.logger = Logger(cfg.log, run_dir=self.run_dir, config=to_dict(cfg), run_id=self.state.wandb_id or None,
-                             enabled=self.logging)
+                             enabled=self.logging, start_step=self.state.step, images_per_step=self.images_per_step)
         self.state.wandb_id = self.logger.run_id or ""
         extras = source.startup((PROMPTS, VALIDATION)) if self.logging else {}
         self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
@@ -511,7 +511,7 @@ class Trainer:
         n_model, elapsed = len(self.rt.ranks.model_ranks), totals["elapsed"]
         self.metrics = {
             "loss": totals["loss"] / totals["steps"], "lr": result.lr, "grad_norm": float(result.grad_norm),
-            "images_per_s": totals["samples"] / elapsed, "images_seen": self.images_seen(),
+            "images_per_s": totals["samples"] / elapsed,
             "mfu": mfu(totals["flops"] / elapsed, self.cfg.log.peak_tflops, n_model),
             "data_wait": totals["wait_fraction"] / n_model, "skipped_steps": int(self.guard.skipped),
             "loader_encode_ms": 1e3 * totals["encode_s"] / max(totals["batches"], 1),
@@ -526,9 +526,9 @@ class Trainer:
             bar.set_postfix(loss=f"{self.metrics['loss']:.4f}", img_s=f"{self.metrics['images_per_s']:.1f}")
             tqdm.write(format_line(self.state.step, self.cfg.train.steps, self.metrics))
 
-    def images_seen(self) -> int:
-        n = len(self.rt.ranks.model_ranks)
-        return self.state.step * self.cfg.train.accumulation_steps * self.cfg.data.batch_size * n
+    @property
+    def images_per_step(self) -> int:
+        return self.cfg.train.accumulation_steps * self.cfg.data.batch_size * len(self.rt.ranks.model_ranks)
 
     def validate(self) -> None:
         val = validation_loss(self.model, self.val_batches, self.cfg, self.device)

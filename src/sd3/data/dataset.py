@@ -144,22 +144,29 @@ class BucketDataset:
         u = generator(self.seed, salts.CAPTION_CHOICE, step).random(self.sampler.global_batch)[slots]
         return self._decode(rows, u, step=step, k=k, replace_keys=slots, device=device, dtype=dtype)
 
-    def holdout_batches(self, batch_size: int, *, device: torch.device | str | None = None) -> list[RawBatch]:
+    def holdout_batches(self, batch_size: int, *, device: torch.device | str | None = None,
+                        rows: np.ndarray | None = None, dtype: torch.dtype = torch.float32) -> list[RawBatch]:
         """The held-out rows (data.val_rows), decoded, in batches of at most batch_size rows that each lie
         within one bucket; always the same batches for the same seed. Undecodable held-out rows are left
-        out (counted in stats), so a batch may be smaller."""
+        out (counted in stats), so a batch may be smaller. `rows` keeps only these held-out rows (each with
+        the caption it has in the full set); dtype=torch.uint8 skips the conversion to [-1, 1]."""
         if len(self.holdout) == 0:
             return []
         u_all = generator(self.seed, salts.HOLDOUT_CAPTIONS).random(len(self.holdout))
-        batches = []
-        for k_kept, k in enumerate(self.kept):
-            rows_k = self.index.bucket_rows(k)
-            mine = np.flatnonzero(np.isin(self.holdout, rows_k))
-            for start in range(0, len(mine), batch_size):
-                part = mine[start:start + batch_size]
-                batches.append(self._decode(self.holdout[part], u_all[part], step=-1, k=k_kept,
-                                            replace_keys=None, device=device))
-        return [b for b in batches if b.size]
+        pick = np.ones(len(self.holdout), bool) if rows is None else np.isin(self.holdout, rows)
+        return self._bucket_batches(self.holdout[pick], u_all[pick], batch_size, device=device, dtype=dtype)
+
+    def usable_rows(self) -> np.ndarray:
+        """Every row id of the buckets this run trains on (training and held-out rows), sorted."""
+        return np.sort(np.concatenate([np.asarray(self.index.bucket_rows(k), np.int64) for k in self.kept]))
+
+    def row_batches(self, rows: np.ndarray, batch_size: int, *, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> list[RawBatch]:
+        """Any of `usable_rows()`, decoded as the held-out rows are (`holdout_batches`): grouped by bucket,
+        undecodable rows left out; each row's caption is chosen from (seed, row id)."""
+        rows = np.unique(np.asarray(rows, np.int64))
+        u = np.array([generator(self.seed, salts.ROW_CAPTION, int(r)).random() for r in rows])
+        return self._bucket_batches(rows, u, batch_size, device=device, dtype=dtype)
 
     def totals(self) -> dict[str, int]:
         """Counters summed over every batch loaded so far (all threads)."""
@@ -197,6 +204,19 @@ class BucketDataset:
             if not 0 <= r < self.num_model_ranks:
                 raise ValueError(f"model rank index {r} is outside 0..{self.num_model_ranks - 1}")
         return np.concatenate([np.arange(r * bs, (r + 1) * bs) for r in ranks]).astype(np.int64)
+
+    def _bucket_batches(self, rows: np.ndarray, u: np.ndarray, batch_size: int, *,
+                        device: torch.device | str | None, dtype: torch.dtype) -> list[RawBatch]:
+        """Sorted `rows` (with their caption draws `u`) decoded in batches of one bucket each, bucket by
+        bucket; rows outside the usable buckets are ignored."""
+        batches = []
+        for k_kept, k in enumerate(self.kept):
+            mine = np.flatnonzero(np.isin(rows, self.index.bucket_rows(k)))
+            for start in range(0, len(mine), batch_size):
+                part = mine[start:start + batch_size]
+                batches.append(self._decode(rows[part], u[part], step=-1, k=k_kept, replace_keys=None,
+                                            device=device, dtype=dtype))
+        return [b for b in batches if b.size]
 
     def _choose_holdout(self, n: int) -> np.ndarray:
         """n row ids drawn uniformly from the usable buckets with the run's seed (sorted)."""
