@@ -168,3 +168,17 @@ def test_two_nodes_on_loopback(tiny_args, tmp_path):
     assert all(rc == 0 for rc, _ in results), out[-3000:]
     assert "loader 0 -> model ranks 1" in out and "loader 2 -> model ranks 3" in out
     assert list_checkpoints(tmp_path / "run")[-1][0] == 3
+
+
+def test_in_training_evaluation_is_split_over_the_model_ranks(tiny_args, tmp_path):
+    """Each model rank generates its share of the evaluation rows; the statistics are merged, so the
+    figure covers all of them."""
+    import json
+
+    run_dir = tmp_path / "run"
+    rc, out = run(tiny_args(run_dir, "--steps", "2", "--data.val_rows=6", "--log.eval_every=2", "--log.eval_num=5",
+                            "--log.eval_steps=2", "--log.eval_inception=random"))
+    assert rc == 0, out[-3000:]
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/fid" in x]
+    assert len(evals) == 1 and evals[0]["eval/images"] == 5 and math.isfinite(evals[0]["eval/fid"])
+    assert "step 2: eval fid" in out

@@ -206,3 +206,28 @@ def test_compiled_training_writes_checkpoints_that_resume_and_sample(tiny_args, 
                             text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr
     assert (tmp_path / "s" / "grid.png").exists()
+
+
+def eval_lines(run_dir: Path) -> list[dict]:
+    import json
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "eval/fid" in x]
+
+
+def test_in_training_evaluation_logs_fid_and_clip_score(tiny_args, tmp_path, tiny_assets, capsys):
+    """--log.eval_every: FID, KID and the CLIP score of the EMA weights on held-out rows, logged to the
+    console and metrics.jsonl with the step and the images seen."""
+    run = tmp_path / "run"
+    args = tiny_args(run, "--steps", "4", "--data.val_rows=6", "--log.eval_every=2", "--log.eval_num=5",
+                     "--log.eval_steps=2", "--log.eval_inception=random",
+                     f"--log.eval_clip={tiny_assets / 'enc' / 'clip'}")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "log.eval_inception=random" in out and len(re.findall(r"step \d: eval fid [0-9.]+", out)) == 2
+    evals = eval_lines(run)
+    assert [e["step"] for e in evals] == [2, 4] and all(e["eval/images"] == 5 for e in evals)
+    assert all(math.isfinite(e["eval/fid"]) and 0 <= e["eval/clip_score"] <= 100 for e in evals)
+    assert evals[0]["images"] == 2 * 4                          # images seen at that step
+    with pytest.raises(Exception, match="eval_num"):
+        train.main(tiny_args(run, "--log.eval_every=2", "--log.eval_num=8", "--data.val_rows=6"))

@@ -231,6 +231,22 @@ class LogConfig:
     """wandb run name; '' uses the run directory's name."""
     wandb: bool = True
     """Log to wandb at all."""
+    eval_every: int = 0
+    """FID of the EMA weights on held-out rows every this many optimizer steps (0: never). Needs
+    data.val_rows >= eval_num and the Inception weights (eval_inception)."""
+    eval_num: int = 0
+    """Held-out rows (the first of data.val_rows) generated and scored per evaluation, split over the model
+    ranks."""
+    eval_steps: int = 30
+    """Sampler steps of each generated image (euler)."""
+    eval_cfg: float = 5.0
+    """Guidance scale of the generated images."""
+    eval_inception: str = ""
+    """FID Inception weights: a local file (weights-inception-2015-12-05-6726825d.pth, or .safetensors), ''
+    to fetch them once into the torch hub cache (needs network), or 'random' for smoke tests (figures not
+    comparable with published ones)."""
+    eval_clip: str = ""
+    """CLIP model (hub id or local directory) for the CLIP score of the generated images; '' for none."""
     peak_tflops: float = 989.0
     """Peak dense bf16 TFLOP/s of one model GPU, for MFU (989: H100 SXM)."""
 
@@ -337,6 +353,12 @@ class Config:
             raise ConfigError("model.rope_theta and log.peak_tflops must be positive")
         if d.val_rows < 0:
             raise ConfigError(f"data.val_rows={d.val_rows} must be >= 0")
+        lg = self.log
+        if lg.eval_every < 0 or lg.eval_steps < 1:
+            raise ConfigError(f"log.eval_every={lg.eval_every} must be >= 0 and log.eval_steps={lg.eval_steps} >= 1")
+        if lg.eval_every and not 2 <= lg.eval_num <= d.val_rows:
+            raise ConfigError(f"log.eval_every={lg.eval_every} evaluates log.eval_num={lg.eval_num} held-out rows "
+                              f"out of data.val_rows={d.val_rows}: set 2 <= --log.eval_num <= --data.val_rows")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
         if t.warmup < 0 or f.t_std <= 0 or f.t_shift <= 0:

@@ -38,7 +38,7 @@ from sd3.parallel import parallelize
 from sd3.paths import resolve
 from sd3.runtime import Runtime, StopSignal
 from sd3.sources import BatchSource
-from sd3.transport import PROMPTS, VALIDATION
+from sd3.transport import EVAL, PROMPTS, VALIDATION
 
 PREEMPTED = "PREEMPTED"
 """Marker in the run directory: the run stopped for a signal, cleanly; the SLURM script requeues it."""
@@ -417,9 +417,15 @@ class Trainer:
         self.logger = Logger(cfg.log, run_dir=self.run_dir, config=to_dict(cfg), run_id=self.state.wandb_id or None,
                              enabled=self.logging, start_step=self.state.step, images_per_step=self.images_per_step)
         self.state.wandb_id = self.logger.run_id or ""
-        extras = source.startup((PROMPTS, VALIDATION)) if self.logging else {}
+        kinds = ((PROMPTS, VALIDATION) if self.logging else ()) + ((EVAL,) if cfg.log.eval_every else ())
+        extras = source.startup(kinds) if kinds else {}
         self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
         self.autoencoder, self._ema_model, self._ae = autoencoder, None, None
+        self.evaluator = None
+        if cfg.log.eval_every:
+            from sd3.online_eval import OnlineEval
+
+            self.evaluator = OnlineEval(cfg, rt, extras[EVAL], autoencoder=self.ae)
         self._source_mark = dataclasses.asdict(source.counters)
         self.metrics: dict = {}
         self.last_saved: Path | None = None
@@ -463,6 +469,8 @@ class Trainer:
             self.guard.check()
         if self.logging and log.val_every and self.val_batches and step % log.val_every == 0:
             self.validate()
+        if log.eval_every and step % log.eval_every == 0:
+            self.evaluate()
         if self.logging and log.sample_every and self.prompts and step % log.sample_every == 0:
             self.logger.image(step, "samples", self.sample(), caption=" | ".join(self.cfg.log.sample_prompts))
         if self.logging and step % log.save_every == 0:
@@ -539,12 +547,33 @@ class Trainer:
             raise Diverged(f"the validation loss at step {self.state.step} is {val['val/loss']}; no checkpoint "
                            "of it was written. Resume from the newest checkpoint with a lower --train.lr")
 
-    def sample(self) -> Path:
+    def ema_model(self) -> MMDiT:
+        """A model holding the current EMA weights (built on first use)."""
         if self._ema_model is None:
-            self._ema_model, self._ae = MMDiT(self.cfg.model).to(self.device).eval(), self.autoencoder()
+            self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
         self.ema.copy_to(self._ema_model)
+        return self._ema_model
+
+    def ae(self):
+        """The autoencoder that decodes generated latents (loaded on first use)."""
+        if self._ae is None:
+            self._ae = self.autoencoder()
+        return self._ae
+
+    def sample(self) -> Path:
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
-        return sample_grid(self._ema_model, self.prompts[0], self._ae, self.cfg, path)
+        return sample_grid(self.ema_model(), self.prompts[0], self.ae(), self.cfg, path)
+
+    def evaluate(self) -> None:
+        """FID (KID, CLIP score) of the EMA weights on the evaluation rows: every model rank takes part."""
+        result = self.evaluator.run(self.ema_model(), self.state.step)
+        self.metrics.update(result)
+        if self.logging:
+            self.logger.log(self.state.step, result)
+            clip = f" | clip score {result['eval/clip_score']:.2f}" if "eval/clip_score" in result else ""
+            tqdm.write(f"step {self.state.step}: eval fid {result['eval/fid']:.3f} | kid {result['eval/kid']:.4f} "
+                       f"+- {result['eval/kid_std']:.4f}{clip} ({int(result['eval/images'])} images, "
+                       f"{result['eval/seconds']:.0f} s)")
 
     def save(self, blocking: bool = False) -> None:
         """A checkpoint of this step, unless the step was bad: none is written from a bad stretch."""

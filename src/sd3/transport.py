@@ -36,8 +36,9 @@ HEADER_LEN = 32
 MAX_STREAMS = (HEADER_LEN - 16) // 2
 
 # Message kinds
-BATCH, PROMPTS, VALIDATION, END, ERROR = 1, 2, 3, 4, 5
-KIND_NAMES = {BATCH: "batch", PROMPTS: "prompts", VALIDATION: "validation", END: "end", ERROR: "error"}
+BATCH, PROMPTS, VALIDATION, END, ERROR, EVAL = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {BATCH: "batch", PROMPTS: "prompts", VALIDATION: "validation", END: "end", ERROR: "error",
+              EVAL: "evaluation"}
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
