@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import torch.distributed as dist
 from sd3 import stand_ins
 from sd3.checkpoint import checkpoint_dir, find_checkpoint, write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
-from sd3.metrics import log_rank, print0, set_main
-from sd3.paths import resolve
+from sd3.metrics import close_log, log_rank, open_log, print0, set_main
+from sd3.paths import REPO, resolve
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
 from sd3.trainer import FAILED, PREEMPTED, RunResult
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = init_runtime(cfg, ranks)
     set_main(rt.is_logging)
     run_dir = resolve(cfg.run_dir)
+    open_log(run_dir / "train.log")
     if rt.is_logging:
         clear_markers(run_dir)
     print0(ranks.describe())
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             write_marker(run_dir, PREEMPTED, f"stopped at step {result.step} of {cfg.train.steps} on "
                                              f"{stop.received or 'a signal to another rank'}")
         report(cfg, result)
+    close_log()
     return 0
 
 
@@ -194,15 +197,24 @@ def write_failed(run_dir: Path, rt, error: BaseException) -> None:
             f.write(text + "\n")
 
 
+def shown(path: str | Path) -> str:
+    """A path as a command line from the current directory should give it: relative when inside it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def report(cfg, result) -> None:
     print0(f"\nfinished at step {result.step}" + (" (stopped early: rerun with --resume auto)"
                                                  if result.stopped_early else ""))
-    print0(f"checkpoint:  {result.checkpoint}")
+    print0(f"checkpoint:  {shown(result.checkpoint)}")
     if result.sample_grid:
-        print0(f"sample grid: {result.sample_grid}")
+        print0(f"sample grid: {shown(result.sample_grid)}")
+    print0(f"log:         {shown(resolve(cfg.run_dir) / 'train.log')}")
     prompt = cfg.log.sample_prompts[0] if cfg.log.sample_prompts else "a photograph"
-    print0(f"sample with: python infer.py --ckpt {result.checkpoint} --prompt {json.dumps(prompt)} "
-           f"--width {cfg.model.max_res} --height {cfg.model.max_res} --out samples/")
+    # The interpreter running now (the venv's), so the command works as printed.
+    infer = shlex.quote(shown(REPO / "infer.py"))
+    print0(f"sample with: {shlex.quote(shown(sys.executable))} {infer} --ckpt {shlex.quote(shown(result.checkpoint))} "
+           f"--prompt {shlex.quote(prompt)} --width {cfg.model.max_res} --height {cfg.model.max_res} --out samples/")
 
 
 ERRORS_WITHOUT_TRACEBACK = ("Diverged", "PeerFailed", "CheckpointError", "NoSpaceError", "TransportError",

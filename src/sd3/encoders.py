@@ -228,6 +228,28 @@ def _check_clip_eos(key: str, source: str, tokenizer, config) -> None:
         )
 
 
+def prompt_warnings(cfg: EncoderConfig, prompts: list[str]) -> list[str]:
+    """One line per prompt that some encoder will cut (it reads `max_tokens`, CLIP at most 77): the token
+    count and the words that are ignored. Loads the tokenizers only (a second), not the models."""
+    from transformers import AutoConfig
+
+    out = []
+    sources = [(f"encoders.text[{i}]", s) for i, s in enumerate(cfg.text)] + [("encoders.pooled", cfg.pooled)]
+    for key, source in sources:
+        tokenizer = _load_tokenizer(key, source)
+        config = _load(key, source, AutoConfig.from_pretrained)
+        positions = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+        limit = min(cfg.max_tokens, positions) if positions else cfg.max_tokens
+        for n, prompt in enumerate(prompts, 1):
+            ids = tokenizer(prompt[: limit * _CHARS_PER_TOKEN_LIMIT * 4])["input_ids"]
+            if len(ids) > limit:
+                cut = tokenizer.decode(ids[limit:], skip_special_tokens=True).strip()
+                shown = cut if len(cut) <= 40 else cut[:37] + "..."
+                out.append(f"prompt {n} is {len(ids)} tokens for {key} ({source}), which reads {limit}: "
+                           f"the last {len(ids) - limit} are cut, from {shown!r} on")
+    return out
+
+
 def _check_captions(captions: list[str]) -> list[str]:
     if isinstance(captions, str):
         raise TypeError("encode takes a list of captions, got one string: wrap it as [caption]")

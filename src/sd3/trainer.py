@@ -31,7 +31,7 @@ from sd3.config import Config, FlowConfig, TrainConfig, to_dict
 from sd3.ema import EMA
 from sd3.flow import Cond, dropout_keep, flow_loss, shift_for, shift_t, step_generator
 from sd3.inference import generate_latents, make_grid, to_pil
-from sd3.metrics import Logger, TimeBins, format_line, mfu, print0
+from sd3.metrics import Logger, TimeBins, format_line, log0, mfu, print0
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
 from sd3.optim import build_optimizer, lr_at, set_lr
 from sd3.parallel import parallelize
@@ -359,7 +359,7 @@ def sample_grid(model: MMDiT, prompts: Batch, ae, cfg: Config, path: Path) -> Pa
                                steps=cfg.log.sample_steps, cfg=cfg.log.sample_cfg, sampler="euler",
                                seed=cfg.train.seed, shift=shift, precision=cfg.train.precision)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(to_pil(ae.decode(latents))).save(path)
+    make_grid(to_pil(ae.decode(latents)), captions=list(cfg.log.sample_prompts)).save(path)
     return path
 
 
@@ -532,7 +532,7 @@ class Trainer:
         if self.logging:
             self.logger.log(self.state.step, self.metrics)
             bar.set_postfix(loss=f"{self.metrics['loss']:.4f}", img_s=f"{self.metrics['images_per_s']:.1f}")
-            tqdm.write(format_line(self.state.step, self.cfg.train.steps, self.metrics))
+            log0(format_line(self.state.step, self.cfg.train.steps, self.metrics))
 
     @property
     def images_per_step(self) -> int:
@@ -542,7 +542,7 @@ class Trainer:
         val = validation_loss(self.model, self.val_batches, self.cfg, self.device)
         self.metrics.update(val)
         self.logger.log(self.state.step, val)
-        tqdm.write(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
+        log0(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
         if not math.isfinite(val["val/loss"]):
             raise Diverged(f"the validation loss at step {self.state.step} is {val['val/loss']}; no checkpoint "
                            "of it was written. Resume from the newest checkpoint with a lower --train.lr")
@@ -571,7 +571,7 @@ class Trainer:
         if self.logging:
             self.logger.log(self.state.step, result)
             clip = f" | clip score {result['eval/clip_score']:.2f}" if "eval/clip_score" in result else ""
-            tqdm.write(f"step {self.state.step}: eval fid {result['eval/fid']:.3f} | kid {result['eval/kid']:.4f} "
+            log0(f"step {self.state.step}: eval fid {result['eval/fid']:.3f} | kid {result['eval/kid']:.4f} "
                        f"+- {result['eval/kid_std']:.4f}{clip} ({int(result['eval/images'])} images, "
                        f"{result['eval/seconds']:.0f} s)")
 
