@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sd3.atomic import atomic_write_text
 from sd3.config import LogConfig
 
 _IS_MAIN = True
@@ -158,9 +159,7 @@ class History:
                 else:
                     dropped += 1
         if dropped:
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(kept))
         return dropped
 
     def write(self, step: int, metrics: dict) -> None:

@@ -64,6 +64,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from sd3.atomic import atomic_write_bytes, publish, remove, stale_temporaries, temporary_sibling
 from sd3.data.images import ImageError, decode_rgb
 from sd3.data.schema import COLUMNS, DataError, image_bytes
 
@@ -822,25 +823,6 @@ def shard_name(k: int) -> str:
     return f"{SHARD_PREFIX}{k:05d}.parquet"
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):                            # not every filesystem can
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class _ShardWriter:
     """Rows -> OUTPUT/part-NNNNN.parquet, one shard at a time, in row groups of bounded size, under a
     hidden name until closed (fsync, rename)."""
@@ -855,7 +837,7 @@ class _ShardWriter:
 
     def add(self, row: dict) -> None:
         if self.writer is None:
-            self.tmp = self.out_dir / f".{shard_name(self.shard)}.tmp-{os.getpid()}"
+            self.tmp = temporary_sibling(self.out_dir / shard_name(self.shard))
             # Image bytes are already compressed: snappy on them costs read time for nothing.
             codecs = {n: "none" if n == "image" else "snappy" for n in self.schema.names}
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression=codecs)
@@ -876,11 +858,8 @@ class _ShardWriter:
         self._flush()
         self.writer.add_key_value_metadata({FOOTER_KEY: json.dumps(footer)})
         self.writer.close()
-        with open(self.tmp, "rb+") as f:  # the rename must never publish a file whose bytes are not on disk
-            os.fsync(f.fileno())
         dst = self.out_dir / shard_name(self.shard)
-        os.replace(self.tmp, dst)
-        _fsync_dir(self.out_dir)
+        publish(self.tmp, dst)  # durable before the rename makes it visible
         self.writer, self.tmp, self.rows = None, None, 0
         self.shard += 1
         return dst
@@ -889,7 +868,7 @@ class _ShardWriter:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.close()
-            self.tmp.unlink(missing_ok=True)
+            remove(self.tmp)
             self.writer = None
 
 
@@ -1041,8 +1020,8 @@ def import_images(input_path: str | Path, output_dir: str | Path, opts: ImportOp
     resume = finished_shards(out_dir, expected)
     stats = resume.stats
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".{SHARD_PREFIX}*.tmp-*"):         # left by a killed run
-        stale.unlink(missing_ok=True)
+    for stale in stale_temporaries(out_dir, SHARD_PREFIX):          # left by a killed run
+        remove(stale)
 
     schema = output_schema(source)
     writer = _ShardWriter(out_dir, schema, resume.shards)
@@ -1101,6 +1080,6 @@ def import_images(input_path: str | Path, output_dir: str | Path, opts: ImportOp
                           seconds=time.perf_counter() - t0, columns=source.columns,
                           replaced_columns=list(getattr(source, "replaced", [])))
     summary = out_dir / SUMMARY_NAME
-    write_atomic(summary, json.dumps(report.to_json(), indent=2, default=str).encode())
+    atomic_write_bytes(summary, json.dumps(report.to_json(), indent=2, default=str).encode())
     report.summary_path = str(summary)
     return report

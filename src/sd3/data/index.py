@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from sd3.atomic import atomic_path
 from sd3.data.buckets import format_bucket, parse_bucket
 from sd3.data.schema import TRAIN_COLUMNS, DataError, check_schema
 
@@ -232,11 +233,9 @@ def build_index(data_dir: str | Path, out: str | Path | None = None, *, workers:
         "format": FORMAT, "version": str(VERSION), "shards": json.dumps(shards), "buckets": json.dumps(names),
         "skipped_rows": str(skipped), "skipped_examples": json.dumps(sorted(skipped_examples)[:10]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file(arrays, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; every rank of a job may need to read it
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(arrays, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors creates it owner-only; every rank of a job may need to read it
     return IndexSummary(path=out, shards=len(shards), rows=indexed, skipped_rows=skipped,
                         buckets={n: int(c) for n, c in zip(names, counts[:invalid])},
                         groups_read=sum(s.groups_read for s in scanned), ignored_files=ignored,
