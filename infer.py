@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.load(ckpt, device=args.device, ema=not args.raw)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     result = pipe.generate(prompts, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
-                           cfg=args.cfg, sampler=args.sampler, seed=args.seed, shift=args.shift, frames=args.gif)
+                           guidance=args.cfg, sampler=args.sampler, seed=args.seed, shift=args.shift, frames=args.gif)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, image) in enumerate(zip(prompts, result.images)):

@@ -1,7 +1,7 @@
 """Sampling images from a checkpoint: what `infer.py`, the notebook and the trainer's sample grid share.
 
     pipe = Pipeline.load("runs/tiny/checkpoints/step_00000600")
-    result = pipe.generate(["a cat on a windowsill"], width=64, height=64, steps=30, cfg=5.0, seed=0)
+    result = pipe.generate(["a cat on a windowsill"], width=64, height=64, steps=30, guidance=5.0, seed=0)
     result.images[0].save("cat.png")
 
 Prompts go through the same `TextEncoders.encode` as training; the default negative prompt is the
@@ -68,7 +68,7 @@ def make_grid(images: list[Image.Image], columns: int | None = None, *, captions
 
 @torch.no_grad()
 def generate_latents(model: MMDiT, *, cond: Cond, uncond: Cond | None, width: int, height: int,
-                     latent_factor: int, steps: int, cfg: float, sampler: str, seed: int, shift: float = 1.0,
+                     latent_factor: int, steps: int, guidance: float, sampler: str, seed: int, shift: float = 1.0,
                      precision: str | None = None, on_step=None) -> Tensor:
     """Latents (B, C, H/f, W/f) for `cond` (B prompts), from noise seeded by `seed`. `precision`: 'bf16'
     (autocast) or 'fp32'; by default bf16 on CUDA and fp32 elsewhere."""
@@ -79,7 +79,7 @@ def generate_latents(model: MMDiT, *, cond: Cond, uncond: Cond | None, width: in
     noise = torch.randn(B, model.cfg.in_channels, height // latent_factor, width // latent_factor, generator=g)
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return sample(model, noise=noise.to(device), cond=cond, uncond=uncond, steps=steps, cfg_scale=cfg,
+        return sample(model, noise=noise.to(device), cond=cond, uncond=uncond, steps=steps, cfg_scale=guidance,
                       sampler=sampler, shift=shift, generator=torch.Generator(device=device).manual_seed(seed + 1),
                       on_step=on_step)
 
@@ -128,7 +128,7 @@ class Pipeline:
         return shift_for(self.cfg.flow, (width // f // p) * (height // f // p))
 
     def generate(self, prompts: list[str], *, negative: str = "", width: int | None = None,
-                 height: int | None = None, steps: int = 30, cfg: float = 5.0, sampler: str = "euler",
+                 height: int | None = None, steps: int = 30, guidance: float = 5.0, sampler: str = "euler",
                  seed: int = 0, shift: float | None = None, frames: bool = False) -> Result:
         """`shift`: None takes the one training used at this size (`shift_at`)."""
         width = width or self.cfg.model.max_res
@@ -143,8 +143,8 @@ class Pipeline:
             trajectory.append((to_pil(self.ae.decode(x)), to_pil(self.ae.decode(x0))))
 
         latents = generate_latents(self.model, cond=cond, uncond=uncond, width=width, height=height,
-                                   latent_factor=self.ae.factor, steps=steps, cfg=cfg, sampler=sampler, seed=seed,
-                                   shift=shift, on_step=on_step if frames else None)
+                                   latent_factor=self.ae.factor, steps=steps, guidance=guidance, sampler=sampler,
+                                   seed=seed, shift=shift, on_step=on_step if frames else None)
         return Result(images=to_pil(self.ae.decode(latents)), frames=trajectory)
 
 

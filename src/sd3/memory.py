@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sd3.config import Config, EncoderConfig, ModelConfig
+from sd3.config.schema import PRECISIONS
 from sd3.paths import resolve
 
 GIB = 1024**3
@@ -101,7 +102,7 @@ class Numerics:
 
 def numerics(precision: str, device_type: str) -> Numerics:
     """`train.precision` ('bf16' or 'fp32') on 'cuda' or 'cpu'. bf16 means autocast: fp32 master weights."""
-    if precision not in ("bf16", "fp32") or device_type not in ("cuda", "cpu"):
+    if precision not in PRECISIONS or device_type not in ("cuda", "cpu"):
         raise ValueError(f"numerics: precision={precision!r} on {device_type!r}; expected bf16/fp32 on cuda/cpu")
     cuda = device_type == "cuda"
     if precision == "fp32":

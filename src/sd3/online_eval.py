@@ -98,7 +98,7 @@ class OnlineEval:
         cond = cond.to(self.device)
         latents = generate_latents(model, cond=Cond(text=cond.text, text_mask=cond.text_mask, pooled=cond.pooled),
                                    uncond=None, width=W, height=H, latent_factor=self._ae.factor,
-                                   steps=self.cfg.log.eval_steps, cfg=self.cfg.log.eval_cfg, sampler="euler",
+                                   steps=self.cfg.log.eval_steps, guidance=self.cfg.log.eval_cfg, sampler="euler",
                                    seed=seed, shift=shift, precision=self.cfg.train.precision)
         images = self._ae.decode(latents)                                                  # (B, 3, H, W)
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

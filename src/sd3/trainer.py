@@ -356,7 +356,7 @@ def sample_grid(model: MMDiT, prompts: Batch, ae, cfg: Config, path: Path) -> Pa
     res, p = cfg.model.max_res, cfg.model.patch_size
     shift = shift_for(cfg.flow, (res // ae.factor // p) ** 2)
     latents = generate_latents(model, cond=cond, uncond=None, width=res, height=res, latent_factor=ae.factor,
-                               steps=cfg.log.sample_steps, cfg=cfg.log.sample_cfg, sampler="euler",
+                               steps=cfg.log.sample_steps, guidance=cfg.log.sample_cfg, sampler="euler",
                                seed=cfg.train.seed, shift=shift, precision=cfg.train.precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(to_pil(ae.decode(latents)), captions=list(cfg.log.sample_prompts)).save(path)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,11 +348,3 @@ def open_index(path: str | Path, data_dir: str | Path | None = None) -> BucketIn
     if data_dir is not None:
         index.check_folder(data_dir)
     return index
-
-
-def bucket_table(index: BucketIndex, keep: Sequence[int] | None = None) -> str:
-    """'64x64: 60, 64x48: 40, ...' (largest first) for logs."""
-    keep = range(len(index.buckets)) if keep is None else keep
-    counts = index.counts
-    return ", ".join(f"{index.bucket_names[k]}: {int(counts[k]):,}"
-                     for k in sorted(keep, key=lambda k: -counts[k]))
