@@ -499,6 +499,26 @@ class _ColumnarSource(Source):
                         "short_caption_column": self.short}
         self.missing_image = {u: s.names for u, s in schemas.items() if self.image not in s.names}
 
+    folder: Path
+    """The folder the units' names are relative to."""
+
+    def listing(self) -> str:
+        return "\n".join(f"{u}\t{(self.folder / u).stat().st_size}" for u in self.units)
+
+    def items(self, unit: int, index: int) -> Iterator[Item | UnitFailure]:
+        for u in range(unit, len(self.units)):
+            yield from self._file(u, index if u == unit else 0)
+
+    def _unit_failure(self, u: int, start: int) -> UnitFailure | None:
+        """Why unit u cannot be read at all (unreadable, or no image column), or None."""
+        name = self.units[u]
+        if u in self.errors:
+            return UnitFailure(u, start, name, self.errors[u])
+        if u in self.missing_image:
+            return UnitFailure(u, start, name, f"no column '{self.image}' (its columns: "
+                                               f"{', '.join(self.missing_image[u])})")
+        return None
+
     def _rows(self, u: int, batch: pa.RecordBatch, first: int, row_id: Callable[[int], Any],
               folder: Path) -> Iterator[Item]:
         """Items of one record batch; `first` is the unit-local index of its first row."""
@@ -553,6 +573,7 @@ class ParquetSource(_ColumnarSource):
             self.base = root
             self.units = sorted(_rel(here / n, root) for here, names in _walk(root, exclude)
                                 for n in names if n.endswith(".parquet"))
+        self.folder = self.base
         if not self.units:
             raise DataError(f"{root}: no .parquet files found; point --input at the folder of parquet files")
         self.metas: dict[int, pq.FileMetaData] = {}
@@ -565,21 +586,10 @@ class ParquetSource(_ColumnarSource):
         self._setup({u: m.schema.to_arrow_schema() for u, m in self.metas.items()}, opts, str(root))
         self.total = sum(m.num_rows for m in self.metas.values())
 
-    def listing(self) -> str:
-        return "\n".join(f"{u}\t{(self.base / u).stat().st_size}" for u in self.units)
-
-    def items(self, unit: int, index: int) -> Iterator[Item | UnitFailure]:
-        for u in range(unit, len(self.units)):
-            yield from self._file(u, index if u == unit else 0)
-
     def _file(self, u: int, start: int) -> Iterator[Item | UnitFailure]:
         name = self.units[u]
-        if u in self.errors:
-            yield UnitFailure(u, start, name, self.errors[u])
-            return
-        if u in self.missing_image:
-            yield UnitFailure(u, start, name, f"no column '{self.image}' (its columns: "
-                                              f"{', '.join(self.missing_image[u])})")
+        if failure := self._unit_failure(u, start):
+            yield failure
             return
         index = start
         try:
@@ -616,7 +626,7 @@ class HFSource(_ColumnarSource):
     kind = "hf"
 
     def __init__(self, root: Path, opts: ImportOptions, exclude: Path | None):
-        self.root = root
+        self.root = self.folder = root
         splits: list[tuple[str | None, Path]] = []
         if (root / "dataset_dict.json").is_file():
             try:
@@ -679,20 +689,10 @@ class HFSource(_ColumnarSource):
                     file.schema, (file.get_batch(i) for i in range(file.num_record_batches)))
             yield reader
 
-    def listing(self) -> str:
-        return "\n".join(f"{u}\t{(self.root / u).stat().st_size}" for u in self.units)
-
-    def items(self, unit: int, index: int) -> Iterator[Item | UnitFailure]:
-        for u in range(unit, len(self.units)):
-            yield from self._file(u, index if u == unit else 0)
-
     def _file(self, u: int, start: int) -> Iterator[Item | UnitFailure]:
         name = self.units[u]
-        if u in self.errors:
-            yield UnitFailure(u, start, name, self.errors[u])
-            return
-        if u in self.missing_image:
-            yield UnitFailure(u, start, name, f"no column '{self.image}'")
+        if failure := self._unit_failure(u, start):
+            yield failure
             return
         split = self.split_of[u]
         offset = sum(self.counts.get(v, 0) for v in range(u) if self.split_of[v] == split)
