@@ -29,7 +29,7 @@ from sd3.config import ConfigError, apply_overrides, help_text, preset, set_valu
 from sd3.metrics import log_rank, print0, set_main
 from sd3.paths import resolve
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
-from sd3.trainer import FAILED, PREEMPTED, RunResult
+from sd3.trainer import FAILED, PREEMPTED, PeerFailed, RunResult
 
 
 def parse(argv: list[str] | None):
@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_model_rank(cfg, rt, stop, start, resume, init_from)
     except BaseException as error:
-        if not isinstance(error, (KeyboardInterrupt, SystemExit)) or rt.ranks.is_loader(rt.rank):
+        # PeerFailed is the echo of another model rank's failure, which that rank writes itself: were this
+        # rank first to the file, FAILED would say "model rank 1 could not go on" instead of why.
+        own = not isinstance(error, (KeyboardInterrupt, SystemExit)) or rt.ranks.is_loader(rt.rank)
+        if own and not isinstance(error, PeerFailed):
             write_failed(run_dir, rt, error)
         raise
     finally:
