@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sd3 import stand_ins
-from sd3.checkpoint import checkpoint_dir, find_checkpoint, write_marker
+from sd3.checkpoint import CheckpointError, checkpoint_dir, find_checkpoint, write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
 from sd3.metrics import log_rank, print0, set_main
 from sd3.paths import resolve
@@ -73,14 +73,27 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
     what it skipped) and broadcasts its step, so every rank, loaders included, starts at the same step;
     the other model ranks check they see the same checkpoint (a shared filesystem)."""
     first = rt.ranks.model_ranks[0]
-    path = None
+    path, failure = None, None
     if rt.rank == first:
-        path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
+        try:
+            path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
+        except CheckpointError as error:
+            if not rt.distributed:
+                raise
+            # Say so in the broadcast (-1) rather than leave the others to a "connection closed" traceback;
+            # FAILED gets this rank's reason first.
+            write_failed(resolve(cfg.run_dir), rt, error)
+            failure = error
     step = int(path.name.split("_")[-1]) if path is not None else 0
     if rt.distributed:
-        agreed = torch.tensor([step])
+        agreed = torch.tensor([-1 if failure else step])
         dist.broadcast(agreed, src=first, group=rt.ctrl_group)
         step = int(agreed)
+        if failure is not None:
+            raise failure
+        if step < 0:
+            raise CheckpointError(f"model rank {first} could not find the checkpoint to resume from (its message "
+                                  "says why)")
         if rt.ranks.is_model(rt.rank) and rt.rank != first and step:
             path = checkpoint_dir(resolve(cfg.run_dir)) / f"step_{step:08d}"
             if not path.is_dir():
