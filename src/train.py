@@ -56,7 +56,11 @@ def parse(argv: list[str] | None):
         cfg.train.steps = args.steps
     if args.resume and args.init_from:
         raise ConfigError("--resume continues a run and --init_from starts a new one from weights: give one")
-    return args, cfg.validate()
+    cfg.validate()
+    if resolve(cfg.run_dir).exists() and not resolve(cfg.run_dir).is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir!r} is a file, not a folder: give the folder for this run's "
+                          "checkpoints and samples")
+    return args, cfg
 
 
 def dry_run(cfg) -> None:
