@@ -170,6 +170,11 @@ def run_colocated(cfg, rt, stop, first, end, start, resume, init_from) -> RunRes
         source.finish(start)
 
 
+FAILED_DRAIN_S = 10.0
+"""How long a failed model rank waits for its loader's END before it exits anyway. When every model rank
+fails together (a failed checkpoint write stops them all) the END comes within a batch."""
+
+
 def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
     from sd3.encoders import load_autoencoder
     from sd3.sources import RemoteSource
@@ -189,9 +194,10 @@ def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
                              autoencoder=autoencoder)
     except BaseException:
         # Tell the loader this rank is done, so it stops producing and ends the conversation; if the
-        # loader is what failed, there is nobody to tell.
+        # loader is what failed, there is nobody to tell. Bounded: a model rank still blocked in a collective
+        # with this one is done only once this one exits (without the bound the job hung until the timeout).
         with contextlib.suppress(Exception):
-            source.finish(-1)
+            source.finish(-1, within=FAILED_DRAIN_S)
         raise
     source.finish(result.step)  # a loader that died on the way is an error, not a clean stop
     return result
