@@ -138,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_model_rank(cfg, rt, stop, start, resume, init_from)
     except BaseException as error:
-        # PeerFailed is the echo of another model rank's failure, which that rank writes itself: were this
-        # rank first to the file, FAILED would say "model rank 1 could not go on" instead of why.
-        own = not isinstance(error, (KeyboardInterrupt, SystemExit)) or rt.ranks.is_loader(rt.rank)
-        if own and not isinstance(error, PeerFailed):
+        # A loader's failure arrives as SystemExit(1) from its cause. Ctrl-C (torchrun passes SIGINT on) is
+        # a stop, not a failure. PeerFailed is the echo of another model rank's failure, which that rank
+        # writes itself: were this rank first to the file, FAILED would say "model rank 1 could not go on".
+        cause = error.__cause__ if isinstance(error, SystemExit) and error.__cause__ else error
+        if not isinstance(cause, (KeyboardInterrupt, SystemExit, PeerFailed)):
             write_failed(run_dir, rt, error)
         raise
     finally:
