@@ -25,12 +25,12 @@ import torch
 import torch.distributed as dist
 
 from sd3 import stand_ins
-from sd3.checkpoint import checkpoint_dir, find_checkpoint, write_marker
+from sd3.checkpoint import CheckpointError, checkpoint_dir, find_checkpoint, write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
 from sd3.metrics import close_log, log_rank, open_log, print0, set_main
 from sd3.paths import REPO, resolve
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
-from sd3.trainer import FAILED, PREEMPTED, RunResult
+from sd3.trainer import FAILED, PREEMPTED, PeerFailed, RunResult
 
 
 def parse(argv: list[str] | None):
@@ -57,7 +57,11 @@ def parse(argv: list[str] | None):
         cfg.train.steps = args.steps
     if args.resume and args.init_from:
         raise ConfigError("--resume continues a run and --init_from starts a new one from weights: give one")
-    return args, cfg.validate()
+    cfg.validate()
+    if resolve(cfg.run_dir).exists() and not resolve(cfg.run_dir).is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir!r} is a file, not a folder: give the folder for this run's "
+                          "checkpoints and samples")
+    return args, cfg
 
 
 def dry_run(cfg) -> None:
@@ -74,14 +78,27 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
     what it skipped) and broadcasts its step, so every rank, loaders included, starts at the same step;
     the other model ranks check they see the same checkpoint (a shared filesystem)."""
     first = rt.ranks.model_ranks[0]
-    path = None
+    path, failure = None, None
     if rt.rank == first:
-        path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
+        try:
+            path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
+        except CheckpointError as error:
+            if not rt.distributed:
+                raise
+            # Say so in the broadcast (-1) rather than leave the others to a "connection closed" traceback;
+            # FAILED gets this rank's reason first.
+            write_failed(resolve(cfg.run_dir), rt, error)
+            failure = error
     step = int(path.name.split("_")[-1]) if path is not None else 0
     if rt.distributed:
-        agreed = torch.tensor([step])
+        agreed = torch.tensor([-1 if failure else step])
         dist.broadcast(agreed, src=first, group=rt.ctrl_group)
         step = int(agreed)
+        if failure is not None:
+            raise failure
+        if step < 0:
+            raise CheckpointError(f"model rank {first} could not find the checkpoint to resume from (its message "
+                                  "says why)")
         if rt.ranks.is_model(rt.rank) and rt.rank != first and step:
             path = checkpoint_dir(resolve(cfg.run_dir)) / f"step_{step:08d}"
             if not path.is_dir():
@@ -123,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_model_rank(cfg, rt, stop, start, resume, init_from)
     except BaseException as error:
-        if not isinstance(error, (KeyboardInterrupt, SystemExit)) or rt.ranks.is_loader(rt.rank):
+        # A loader's failure arrives as SystemExit(1) from its cause. Ctrl-C (torchrun passes SIGINT on) is
+        # a stop, not a failure. PeerFailed is the echo of another model rank's failure, which that rank
+        # writes itself: were this rank first to the file, FAILED would say "model rank 1 could not go on".
+        cause = error.__cause__ if isinstance(error, SystemExit) and error.__cause__ else error
+        if not isinstance(cause, (KeyboardInterrupt, SystemExit, PeerFailed)):
             write_failed(run_dir, rt, error)
         raise
     finally:
@@ -153,6 +174,11 @@ def run_colocated(cfg, rt, stop, first, end, start, resume, init_from) -> RunRes
         source.finish(start)
 
 
+FAILED_DRAIN_S = 10.0
+"""How long a failed model rank waits for its loader's END before it exits anyway. When every model rank
+fails together (a failed checkpoint write stops them all) the END comes within a batch."""
+
+
 def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
     from sd3.encoders import load_autoencoder
     from sd3.sources import RemoteSource
@@ -172,9 +198,10 @@ def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
                              autoencoder=autoencoder)
     except BaseException:
         # Tell the loader this rank is done, so it stops producing and ends the conversation; if the
-        # loader is what failed, there is nobody to tell.
+        # loader is what failed, there is nobody to tell. Bounded: a model rank still blocked in a collective
+        # with this one is done only once this one exits (without the bound the job hung until the timeout).
         with contextlib.suppress(Exception):
-            source.finish(-1)
+            source.finish(-1, within=FAILED_DRAIN_S)
         raise
     source.finish(result.step)  # a loader that died on the way is an error, not a clean stop
     return result

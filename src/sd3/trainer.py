@@ -16,8 +16,9 @@ import dataclasses
 import itertools
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from sd3.parallel import parallelize
 from sd3.paths import resolve
 from sd3.runtime import Runtime, StopSignal
 from sd3.sources import BatchSource
-from sd3.transport import EVAL, PROMPTS, VALIDATION
+from sd3.transport import EVAL, PROMPTS, VALIDATION, TransportError, peer_died, peer_error
 
 PREEMPTED = "PREEMPTED"
 """Marker in the run directory: the run stopped for a signal, cleanly; the SLURM script requeues it."""
@@ -439,7 +440,7 @@ class Trainer:
         vote, batches = StopVote(self.rt.model_ctrl_group), iter(self.source)
         decision = GO_ON
         with tqdm(total=total, initial=self.state.step, desc="train", disable=not self.logging,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, self.peers_named():
             while self.state.step < total:
                 result = train_step(self.train_model, self.optimizer, batches, step=self.state.step, cfg=cfg,
                                     rank_index=self.rt.ranks.model_index(self.rt.rank), device=self.device,
@@ -451,10 +452,21 @@ class Trainer:
                 decision = vote(self.request(stop))
                 if decision != GO_ON and self.state.step < total:
                     break
-        vote.close()
+            vote.close()
         if decision == FAIL:
             self.raise_failure()
         return self.finish(stopped_early=decision == STOP and self.state.step < total, stop=stop)
+
+    @contextmanager
+    def peers_named(self):
+        """A collective of the model ranks (DDP's gradient all-reduce, the vote, the metrics) that fails
+        because another model rank died raises gloo's bare "connection reset" error: say what it means."""
+        try:
+            yield
+        except RuntimeError as error:
+            if isinstance(error, TransportError) or not peer_died(error):
+                raise
+            raise peer_error(error, "another model rank", timedelta(seconds=self.cfg.ranks.timeout_s)) from error
 
     def after_step(self, result: StepResult) -> None:
         self.guard.record(self.state.step, result.skipped, result.grad_norm)

@@ -282,6 +282,13 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks that must hold before any heavy work. Returns self."""
         m, e, f, t, d = self.model, self.encoders, self.flow, self.train, self.data
+        # inf or nan in any float is a typo, never a setting; checked first, as nan fails every comparison
+        # below with a message that misses the point ("train.lr=nan must be positive").
+        for key, (owner, spec) in field_paths(self).items():
+            value = getattr(owner, spec.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{key}={value} must be a finite number")
         _choice("model.mlp_type", m.mlp_type, MLP_TYPES)
         from sd3.model.attention import BACKENDS
 
@@ -339,11 +346,6 @@ class Config:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}={value} must be positive")
-        for key, (owner, spec) in field_paths(self).items():  # inf or nan in any float is a typo, never a setting
-            value = getattr(owner, spec.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ConfigError(f"{key}={value} must be a finite number")
         if t.min_lr < 0 or t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
         if t.eps <= 0 or t.weight_decay < 0 or not all(0 <= b < 1 for b in t.betas):
