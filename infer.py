@@ -33,9 +33,11 @@ def parse(argv: list[str] | None):
     parser.add_argument("--ckpt", required=True, help="checkpoint directory (step_*) or run directory")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative", default="", help="negative prompt ('' = the trained unconditional)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--cfg", type=float, default=5.0,
-                        help="guidance scale s in v_u + s (v_c - v_u); 0 samples the unconditional model")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the run's sample-grid steps, "
+                        "log.sample_steps: 30 in every preset)")
+    parser.add_argument("--cfg", type=float,
+                        help="guidance scale s in v_u + s (v_c - v_u); 0 samples the unconditional model (default: "
+                        "the run's sample-grid scale, log.sample_cfg: 5 for the sd3 presets, lower for the demo)")
     parser.add_argument("--sampler", default="euler", choices=SAMPLERS)
     parser.add_argument("--shift", type=float, help="timestep shift (SD3 sec. 5.3.2); default: the run's own")
     parser.add_argument("--width", type=int, help="pixels (default: the model's max_res)")
@@ -73,7 +75,7 @@ def check(parser, args) -> Path:
 
     if args.batch < 1:
         parser.error(f"--batch {args.batch}: give at least 1 image per prompt")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         parser.error(f"--steps {args.steps}: give at least 1 sampling step")
     empty = [i for i, p in enumerate(args.prompt, 1) if not p.strip()]
     if empty:
@@ -102,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = Pipeline.load(ckpt, device=args.device, ema=not args.raw)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
-    result = pipe.generate(prompts, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
-                           guidance=args.cfg, sampler=args.sampler, seed=args.seed, shift=args.shift, frames=args.gif)
+    steps = pipe.cfg.log.sample_steps if args.steps is None else args.steps      # the run's own sample settings
+    guidance = pipe.cfg.log.sample_cfg if args.cfg is None else args.cfg
+    result = pipe.generate(prompts, negative=args.negative, width=args.width, height=args.height, steps=steps,
+                           guidance=guidance, sampler=args.sampler, seed=args.seed, shift=args.shift, frames=args.gif)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, image) in enumerate(zip(prompts, result.images)):

@@ -12,18 +12,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import torch
-import torch.nn.functional as F
 
 from sd3.checkpoint import latest_checkpoint
 from sd3.data.demo import DEMO_CAPTIONS, ensure_demo_dataset
-from sd3.data.images import decode_rgb
 from sd3.evaluation import pil_to_uint8
 from sd3.inference import Pipeline
 from sd3.metrics import read_history
+from tests.demo_scoring import nearest_photo_accuracy, photo_crops
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -32,27 +28,6 @@ import train  # noqa: E402  (src/train.py)
 RES = 32
 COMPARE = 8
 """Samples and photos are compared at 8 x 8 (colour and layout): at 400 steps samples are blocky."""
-
-
-def photo_crops(dataset: Path) -> dict[str, torch.Tensor]:
-    """Every square crop of each demo photo in the dataset, (n, 3, COMPARE, COMPARE) in [0, 1], by photo."""
-    crops: dict[str, list[torch.Tensor]] = {}
-    for shard in sorted(dataset.glob("*.parquet")):
-        for row in pq.read_table(shard, columns=["image", "class", "bucket_size"]).to_pylist():
-            if row["bucket_size"] == f"{RES}x{RES}":
-                crops.setdefault(row["class"], []).append(decode_rgb(row["image"]).float() / 255)
-    return {name: F.adaptive_avg_pool2d(torch.stack(c), COMPARE) for name, c in crops.items()}
-
-
-def nearest_photo_accuracy(samples: torch.Tensor, own: list[str], crops: dict[str, torch.Tensor]) -> float:
-    """Share of samples (B, 3, H, W) in [0, 1] whose nearest photo (pixel MSE to its closest crop) is their own."""
-    names = list(crops)
-    small = F.adaptive_avg_pool2d(samples, COMPARE)
-    hits = 0
-    for x, name in zip(small, own):
-        distances = [float((crops[n] - x).pow(2).mean(dim=(1, 2, 3)).min()) for n in names]
-        hits += names[int(np.argmin(distances))] == name
-    return hits / len(own)
 
 
 @pytest.mark.slow
@@ -78,7 +53,7 @@ def test_training_lowers_validation_loss_and_samples_match_their_captions(tiny_a
     samples = [im for seed in (0, 1) for im in pipe.generate(prompts, width=RES, height=RES, steps=20, guidance=5.0,
                                                              seed=seed).images]
     x = pil_to_uint8(samples).float() / 255
-    accuracy = nearest_photo_accuracy(x, names * 2, photo_crops(dataset))
+    accuracy = nearest_photo_accuracy(x, names * 2, photo_crops(dataset, res=RES), compare=COMPARE)
     print(f"nearest-photo accuracy of {len(samples)} samples over {len(names)} photos: {accuracy:.2f} "
           f"(chance {1 / len(names):.2f})")
     assert accuracy >= 0.6, accuracy

@@ -422,6 +422,7 @@ class Trainer:
         extras = source.startup(kinds) if kinds else {}
         self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
         self.autoencoder, self._ema_model, self._ae = autoencoder, None, None
+        self._sampled_step: int | None = None  # the step of the newest sample grid (a run's last is not redrawn)
         self.evaluator = None
         if cfg.log.eval_every:
             from sd3.online_eval import OnlineEval
@@ -573,8 +574,12 @@ class Trainer:
         return self._ae
 
     def sample(self) -> Path:
+        """This step's sample grid, drawn once: the end of a run whose last step was a sample step reuses it."""
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
-        return sample_grid(self.ema_model(), self.prompts[0], self.ae(), self.cfg, path)
+        if self._sampled_step != self.state.step or not path.is_file():
+            sample_grid(self.ema_model(), self.prompts[0], self.ae(), self.cfg, path)
+            self._sampled_step = self.state.step
+        return path
 
     def evaluate(self) -> None:
         """FID (KID, CLIP score) of the EMA weights on the evaluation rows: every model rank takes part."""
