@@ -8,7 +8,7 @@ import pytest
 from sd3.config import ConfigError, RankConfig, apply_overrides, from_dict, preset, to_dict
 from sd3.rankmap import RankMap, RankMapError
 
-# SEED_NOTES: 8 GPUs per node, ranks 0-1 load, 2-7 train; the same map shifted by 8 per node.
+# The original system: 8 GPUs per node, ranks 0-1 load, 2-7 train; the same map shifted by 8 per node.
 SEED_8 = {0: [2, 3, 4], 1: [5, 6, 7]}
 SEED_32 = {0: [2, 3, 4], 1: [5, 6, 7], 8: [10, 11, 12], 9: [13, 14, 15],
            16: [18, 19, 20], 17: [21, 22, 23], 24: [26, 27, 28], 25: [29, 30, 31]}

@@ -97,7 +97,7 @@ class TextEncoders:
             masks.append(mask)
         ids, mask = self._tokenize(self.pooled_tokenizer, captions, self.max_lengths[-1])
         with torch.inference_mode():
-            # The projected EOS state, not normalised (as the seed: SEED_NOTES "Encoders").
+            # The projected EOS state, not normalised (as the original system does).
             pooled = self.pooled_model(input_ids=ids, attention_mask=mask.long()).text_embeds  # (B, P)
         return tuple(text), tuple(masks), pooled.clone()
 

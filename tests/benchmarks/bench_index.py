@@ -16,7 +16,7 @@
    bare read.
 3. Prints the figures; the last line is `index_rows_per_s: X` (median over the repeats).
 
-For scale (FACTS.md, same machine, 1M rows): the seed's method (dataset cache conversion, then
+For scale (measured once on the development machine, 1M rows): the seed's method (dataset cache conversion, then
 whole-row reads) took about 64 s; a bare read of the bucket column about 0.2 s.
 """
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "src"))
 from sd3.data.buckets import format_bucket, snap_size  # noqa: E402  (after the path set-up)
 from sd3.data.index import BucketIndex  # noqa: E402
 
-SEED_METHOD_S_PER_MILLION = 64.0  # FACTS.md: HF datasets cache conversion + whole-row reads, 1M rows
+SEED_METHOD_S_PER_MILLION = 64.0  # measured once on the development machine: HF datasets cache conversion + whole-row reads, 1M rows
 ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 3), (2, 1)]
 
 
@@ -202,7 +202,7 @@ def main() -> None:
     print(f"create_indices_s (median of {args.repeats}, whole process): {idx:.3f}   "
           f"(first: {index_s[0]:.3f})")
     print(f"create_indices / bare read: {idx / bare:.2f}x")
-    print(f"seed method, FACTS.md reference scaled to these rows: {seed_ref:.1f} s -> "
+    print(f"seed method, its one-off reference scaled to these rows: {seed_ref:.1f} s -> "
           f"{seed_ref / idx:.0f}x faster")
     print(f"index_rows_per_s: {args.rows / idx:,.0f}")
 

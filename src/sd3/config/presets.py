@@ -16,7 +16,7 @@ from sd3.config.schema import (
 
 
 def _sd3(stage_res: int, batch_size: int, steps: int) -> Config:
-    """The seed's stages (SEED_NOTES): 19 blocks, width 64*19, 19 heads, SwiGLU 4.0, patch 2, lr 1e-4,
+    """The original system's stages: 19 blocks, width 64*19, 19 heads, SwiGLU 4.0, patch 2, lr 1e-4,
     warmup 1000, accumulation 2, EMA 0.99 every 100 optimizer steps, 2 loaders feeding 3 model GPUs each
     per 8-GPU node."""
     cfg = Config()

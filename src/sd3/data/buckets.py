@@ -16,7 +16,7 @@ def snap_size(width: int, height: int, *, max_res: int, multiple: int,
               upscale: bool = False) -> tuple[int, int]:
     """(width, height) of an image -> (W, H) of its bucket.
 
-    The seed's rule (SEED_NOTES, create_phase): when the long side exceeds `max_res`, scale it down to
+    The original system's rule (its create_phase step): when the long side exceeds `max_res`, scale it down to
     `max_res` keeping the aspect ratio; then snap both sides to the nearest multiple of `multiple`
     (at least one multiple, at most the largest multiple <= max_res). Smaller images are not scaled up
     unless `upscale`, in which case the long side is scaled to `max_res` too.

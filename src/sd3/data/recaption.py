@@ -96,7 +96,7 @@ MIN_DISTINCT_WORDS = 8
 """A detailed caption with fewer distinct words than this is a non-answer ("A cat.") and is dropped."""
 
 MAX_SHORT_WORDS = 40
-"""Word limit of `recaption_short` (the seed distils to one sentence under 40 words, SEED_NOTES "Data")."""
+"""Word limit of `recaption_short` (the original system distils to one sentence under 40 words)."""
 
 MAX_HINT_CHARS = 500
 """Alt-text longer than this is cut: one scraped paragraph must not set the padded length of a whole batch."""
