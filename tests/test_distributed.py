@@ -108,7 +108,7 @@ def test_a_signal_stops_every_rank_with_a_whole_checkpoint(tiny_args, tmp_path, 
     rc, out = finish(proc, timeout=120)
     out = early + out
     assert "stopping at step" in out, out[-3000:]
-    # torchrun reports a SIGTERM as failure even when every worker stopped cleanly (torch.distributed.elastic counts the signal).
+    # torchrun reports a SIGTERM as failure even when every worker stopped cleanly (elastic counts the signal).
     assert rc == (1 if how.startswith("SIGTERM") else 0), out[-3000:]
     (step, ckpt), = list_checkpoints(run_dir)
     assert 3 <= step < 400

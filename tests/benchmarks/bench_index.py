@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO / "src"))
 from sd3.data.buckets import format_bucket, snap_size  # noqa: E402  (after the path set-up)
 from sd3.data.index import BucketIndex  # noqa: E402
 
-SEED_METHOD_S_PER_MILLION = 64.0  # measured once on the development machine: HF datasets cache conversion + whole-row reads, 1M rows
+# Measured once on the development machine: HF datasets cache conversion + whole-row reads, 1M rows.
+SEED_METHOD_S_PER_MILLION = 64.0
 ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 3), (2, 1)]
 
 
