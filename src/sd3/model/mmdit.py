@@ -397,8 +397,8 @@ class MMDiT(nn.Module):
         backend = self.attn_backend(xt.device)
         attn = JointAttention.build(backend, img_len=img.shape[1], **plan)
         txt = attn.arrange(txt)
-        for block in self.mixer:
-            if isinstance(block, JointBlock):
+        for block in self.mixer:  # (the config says which kind: a wrapper from sd3.parallel hides the class)
+            if self.cfg.mixer_joint:
                 img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn=attn)
             else:
                 img = block(img=img, vec=vec, pe=img_pe, attn=JointAttention(backend, None))
