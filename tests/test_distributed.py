@@ -168,3 +168,18 @@ def test_two_nodes_on_loopback(tiny_args, tmp_path):
     assert all(rc == 0 for rc, _ in results), out[-3000:]
     assert "loader 0 -> model ranks 1" in out and "loader 2 -> model ranks 3" in out
     assert list_checkpoints(tmp_path / "run")[-1][0] == 3
+
+
+def test_patch_masking_trains_under_ddp_with_checkpointing_and_bf16(tiny_args, tmp_path):
+    """1 loader + 2 DDP model ranks, 75% patch masking behind a 1-block mixer, activation checkpointing, bf16:
+    every parameter gets a gradient on every rank (DDP would stop on an unused one), the last step unmasked."""
+    args = tiny_args(tmp_path / "run", "--steps", "4", "--model.mask_ratio=0.75", "--model.mixer_depth=1",
+                     "--train.unmasked_steps=1", "--train.activation_checkpointing=true", "--train.precision=bf16",
+                     "--encoders.dtype=bfloat16")
+    rc, out = run(args)
+    assert rc == 0, out[-3000:]
+    losses = [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([0-9.]+) \| mask", out, flags=re.M)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), out[-3000:]
+    assert re.findall(r"\| mask ([0-9.]+) \|", out) == ["0.75"] * 3 + ["0.00"]
+    assert "step 3: patch masking off, unmasked finetune for the last 1 steps" in out
+    assert any(k.startswith("mixer.0.") for k in weights(tmp_path / "run"))
