@@ -91,7 +91,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="sampler steps")
     p.add_argument("--cfg", default="5", help="guidance scale(s), comma separated: 1,3,5")
     p.add_argument("--sampler", default="euler", choices=SAMPLERS)
-    p.add_argument("--shift", type=float, default=1.0, help="timestep shift (SD3 sec. 5.3.2); 1 = none")
+    p.add_argument("--shift", type=float, help="timestep shift (SD3 sec. 5.3.2); default: the run's own")
     p.add_argument("--seed", type=int, default=0, help="which rows (when fewer than all) and the sampling noise")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--inception-weights", dest="inception_weights",
@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         samples[scale] = []
         for i, b in enumerate(real_batches):
             W, H = b.bucket
-            images = pipe.generate(b.captions, width=W, height=H, steps=args.steps, cfg=scale, sampler=args.sampler,
-                                   seed=batch_seed(args.seed, i), shift=args.shift).images
+            images = pipe.generate(b.captions, width=W, height=H, steps=args.steps, guidance=scale,
+                                   sampler=args.sampler, seed=batch_seed(args.seed, i), shift=args.shift).images
             samples[scale] += images
             x = pil_to_uint8(images)
             fake.add(inception(x))

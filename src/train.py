@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,12 +25,12 @@ import torch
 import torch.distributed as dist
 
 from sd3 import stand_ins
-from sd3.checkpoint import checkpoint_dir, find_checkpoint, write_marker
+from sd3.checkpoint import CheckpointError, checkpoint_dir, find_checkpoint, write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
-from sd3.metrics import log_rank, print0, set_main
-from sd3.paths import resolve
+from sd3.metrics import close_log, log_rank, open_log, print0, set_main
+from sd3.paths import REPO, resolve
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
-from sd3.trainer import FAILED, PREEMPTED, RunResult
+from sd3.trainer import FAILED, PREEMPTED, PeerFailed, RunResult
 
 
 def parse(argv: list[str] | None):
@@ -56,7 +57,11 @@ def parse(argv: list[str] | None):
         cfg.train.steps = args.steps
     if args.resume and args.init_from:
         raise ConfigError("--resume continues a run and --init_from starts a new one from weights: give one")
-    return args, cfg.validate()
+    cfg.validate()
+    if resolve(cfg.run_dir).exists() and not resolve(cfg.run_dir).is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir!r} is a file, not a folder: give the folder for this run's "
+                          "checkpoints and samples")
+    return args, cfg
 
 
 def dry_run(cfg) -> None:
@@ -73,14 +78,27 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
     what it skipped) and broadcasts its step, so every rank, loaders included, starts at the same step;
     the other model ranks check they see the same checkpoint (a shared filesystem)."""
     first = rt.ranks.model_ranks[0]
-    path = None
+    path, failure = None, None
     if rt.rank == first:
-        path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
+        try:
+            path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
+        except CheckpointError as error:
+            if not rt.distributed:
+                raise
+            # Say so in the broadcast (-1) rather than leave the others to a "connection closed" traceback;
+            # FAILED gets this rank's reason first.
+            write_failed(resolve(cfg.run_dir), rt, error)
+            failure = error
     step = int(path.name.split("_")[-1]) if path is not None else 0
     if rt.distributed:
-        agreed = torch.tensor([step])
+        agreed = torch.tensor([-1 if failure else step])
         dist.broadcast(agreed, src=first, group=rt.ctrl_group)
         step = int(agreed)
+        if failure is not None:
+            raise failure
+        if step < 0:
+            raise CheckpointError(f"model rank {first} could not find the checkpoint to resume from (its message "
+                                  "says why)")
         if rt.ranks.is_model(rt.rank) and rt.rank != first and step:
             path = checkpoint_dir(resolve(cfg.run_dir)) / f"step_{step:08d}"
             if not path.is_dir():
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = init_runtime(cfg, ranks)
     set_main(rt.is_logging)
     run_dir = resolve(cfg.run_dir)
+    open_log(run_dir / "train.log")
     if rt.is_logging:
         clear_markers(run_dir)
     print0(ranks.describe())
@@ -121,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_model_rank(cfg, rt, stop, start, resume, init_from)
     except BaseException as error:
-        if not isinstance(error, (KeyboardInterrupt, SystemExit)) or rt.ranks.is_loader(rt.rank):
+        # A loader's failure arrives as SystemExit(1) from its cause. Ctrl-C (torchrun passes SIGINT on) is
+        # a stop, not a failure. PeerFailed is the echo of another model rank's failure, which that rank
+        # writes itself: were this rank first to the file, FAILED would say "model rank 1 could not go on".
+        cause = error.__cause__ if isinstance(error, SystemExit) and error.__cause__ else error
+        if not isinstance(cause, (KeyboardInterrupt, SystemExit, PeerFailed)):
             write_failed(run_dir, rt, error)
         raise
     finally:
@@ -132,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             write_marker(run_dir, PREEMPTED, f"stopped at step {result.step} of {cfg.train.steps} on "
                                              f"{stop.received or 'a signal to another rank'}")
         report(cfg, result)
+    close_log()
     return 0
 
 
@@ -148,6 +172,11 @@ def run_colocated(cfg, rt, stop, first, end, start, resume, init_from) -> RunRes
                            autoencoder=lambda: producer.ae)
     finally:
         source.finish(start)
+
+
+FAILED_DRAIN_S = 10.0
+"""How long a failed model rank waits for its loader's END before it exits anyway. When every model rank
+fails together (a failed checkpoint write stops them all) the END comes within a batch."""
 
 
 def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
@@ -169,9 +198,10 @@ def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
                              autoencoder=autoencoder)
     except BaseException:
         # Tell the loader this rank is done, so it stops producing and ends the conversation; if the
-        # loader is what failed, there is nobody to tell.
+        # loader is what failed, there is nobody to tell. Bounded: a model rank still blocked in a collective
+        # with this one is done only once this one exits (without the bound the job hung until the timeout).
         with contextlib.suppress(Exception):
-            source.finish(-1)
+            source.finish(-1, within=FAILED_DRAIN_S)
         raise
     source.finish(result.step)  # a loader that died on the way is an error, not a clean stop
     return result
@@ -194,15 +224,24 @@ def write_failed(run_dir: Path, rt, error: BaseException) -> None:
             f.write(text + "\n")
 
 
+def shown(path: str | Path) -> str:
+    """A path as a command line from the current directory should give it: relative when inside it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def report(cfg, result) -> None:
     print0(f"\nfinished at step {result.step}" + (" (stopped early: rerun with --resume auto)"
                                                  if result.stopped_early else ""))
-    print0(f"checkpoint:  {result.checkpoint}")
+    print0(f"checkpoint:  {shown(result.checkpoint)}")
     if result.sample_grid:
-        print0(f"sample grid: {result.sample_grid}")
+        print0(f"sample grid: {shown(result.sample_grid)}")
+    print0(f"log:         {shown(resolve(cfg.run_dir) / 'train.log')}")
     prompt = cfg.log.sample_prompts[0] if cfg.log.sample_prompts else "a photograph"
-    print0(f"sample with: python infer.py --ckpt {result.checkpoint} --prompt {json.dumps(prompt)} "
-           f"--width {cfg.model.max_res} --height {cfg.model.max_res} --out samples/")
+    # The interpreter running now (the venv's), so the command works as printed.
+    infer = shlex.quote(shown(REPO / "infer.py"))
+    print0(f"sample with: {shlex.quote(shown(sys.executable))} {infer} --ckpt {shlex.quote(shown(result.checkpoint))} "
+           f"--prompt {shlex.quote(prompt)} --width {cfg.model.max_res} --height {cfg.model.max_res} --out samples/")
 
 
 ERRORS_WITHOUT_TRACEBACK = ("Diverged", "PeerFailed", "CheckpointError", "NoSpaceError", "TransportError",

@@ -389,9 +389,9 @@ def train_child(argv: list[str]) -> int:
     captured: dict = {}
     report = train.report
 
-    def capture(cfg, metrics: dict) -> None:
-        captured.update(metrics)
-        report(cfg, metrics)
+    def capture(cfg, result) -> None:
+        captured.update(result.metrics, step=result.step, checkpoint=result.checkpoint)
+        report(cfg, result)
 
     train.report = capture
     code = train.main(argv)

@@ -1,7 +1,7 @@
-"""Fixtures for the recaptioning tests: the script as a module, tiny models, parquet shards, fake captioners.
+"""Fixtures for the recaptioning tests (sd3.data.recaption): tiny models, parquet shards, fake captioners.
 
 The tiny models are random-config LLaVA (CLIP vision tower + Llama) and Llama causal LMs with a word-level
-tokenizer trained here in milliseconds, saved with `save_pretrained` so the script's real loading code
+tokenizer trained here in milliseconds, saved with `save_pretrained` so the package's real loading code
 (`AutoProcessor` / `AutoModelForImageTextToText`, `AutoTokenizer` / `AutoModelForCausalLM`) is what runs.
 A word-level vocabulary makes their random output a string of real words, so it can pass the filters.
 """
@@ -9,10 +9,8 @@ A word-level vocabulary makes their random output a string of real words, so it 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +19,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def load_script():
-    """data/recaption_parquets.py as a module (data/ is a folder of scripts, not a package)."""
-    path = ROOT / "data" / "recaption_parquets.py"
-    spec = importlib.util.spec_from_file_location("recaption_parquets", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["recaption_parquets"] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------------

@@ -183,3 +183,17 @@ def test_patch_masking_trains_under_ddp_with_checkpointing_and_bf16(tiny_args, t
     assert re.findall(r"\| mask ([0-9.]+) \|", out) == ["0.75"] * 3 + ["0.00"]
     assert "step 3: patch masking off, unmasked finetune for the last 1 steps" in out
     assert any(k.startswith("mixer.0.") for k in weights(tmp_path / "run"))
+
+
+def test_in_training_evaluation_is_split_over_the_model_ranks(tiny_args, tmp_path):
+    """Each model rank generates its share of the evaluation rows; the statistics are merged, so the
+    figure covers all of them."""
+    import json
+
+    run_dir = tmp_path / "run"
+    rc, out = run(tiny_args(run_dir, "--steps", "2", "--data.val_rows=6", "--log.eval_every=2", "--log.eval_num=5",
+                            "--log.eval_steps=2", "--log.eval_inception=random"))
+    assert rc == 0, out[-3000:]
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/fid" in x]
+    assert len(evals) == 1 and evals[0]["eval/images"] == 5 and math.isfinite(evals[0]["eval/fid"])
+    assert "step 2: eval fid" in out

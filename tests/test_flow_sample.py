@@ -132,13 +132,26 @@ def test_euler_is_exact_on_the_flow_to_a_point():
     mu, x1 = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     trajectory = []
     out = euler(lambda x, t: (x - mu) / t, x1.clone(), schedule(6, shift=3.0).double(),
-                on_step=lambda x, t: trajectory.append((x.clone(), t)))
+                on_step=lambda x, t, x0: trajectory.append((x.clone(), t)))
     for x, t in trajectory:
         torch.testing.assert_close(x, mu + t * (x1 - mu), rtol=0, atol=1e-12)
     torch.testing.assert_close(out, mu)
     stochastic = euler_stochastic(lambda x, t: (x - mu) / t, x1.clone(), schedule(6).double(),
                                   generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(stochastic, mu)  # its last step is the deterministic x0 estimate
+
+
+@pytest.mark.parametrize("sampler", [euler, heun, euler_stochastic])
+def test_samplers_report_the_clean_estimate(sampler):
+    """For data at a single point mu the true velocity is (x - mu) / t, so every step's clean estimate
+    x0 = x_t - t v is mu itself: what denoise.gif shows."""
+    mu, x1 = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    estimates = []
+    sampler(lambda x, t: (x - mu) / t, x1.clone(), schedule(6, shift=2.0).double(),
+            on_step=lambda x, t, x0: estimates.append(x0), generator=torch.Generator().manual_seed(0))
+    assert len(estimates) == 6
+    for x0 in estimates:
+        torch.testing.assert_close(x0, mu)
 
 
 def test_heun_never_evaluates_the_velocity_at_t_zero():
@@ -175,7 +188,7 @@ def test_euler_matches_diffusers_flow_match_euler():
     fn = lambda x, t: torch.sin(3 * x) + t * x  # noqa: E731  any velocity function
     x_init = torch.randn(2, 4, 6, 6)
     ours = []
-    euler(fn, x_init.clone(), sigmas, on_step=lambda x, t: ours.append(x))
+    euler(fn, x_init.clone(), sigmas, on_step=lambda x, t, x0: ours.append(x))
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     scheduler.set_timesteps(sigmas=sigmas[:-1].tolist())
     x, theirs = x_init.clone(), []

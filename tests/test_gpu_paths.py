@@ -18,6 +18,7 @@ from kernel_stand_ins import (
     memory_efficient_attention,
     stand_ins,
 )
+from model_helpers import perturbed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sd3.model.mmdit as mmdit
@@ -25,16 +26,6 @@ from sd3.model.attention import JointAttention, attention, resolve_backend, use_
 from sd3.model.mmdit import MMDiT
 
 BACKENDS = ["sdpa", "flash", "xformers"]
-
-
-def perturbed(cfg, seed=0) -> MMDiT:
-    """A model whose zero-initialised parts are perturbed, so every path carries signal."""
-    torch.manual_seed(seed)
-    model = MMDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def inputs(cfg, *, B=3, h=8, w=12, lengths=(5, 7), real=None, seed=0) -> dict:

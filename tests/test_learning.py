@@ -75,7 +75,7 @@ def test_training_lowers_validation_loss_and_samples_match_their_captions(tiny_a
     pipe = Pipeline.load(latest_checkpoint(run), device="cpu")
     names = list(DEMO_CAPTIONS)
     prompts = [DEMO_CAPTIONS[n][1] for n in names]                  # the short captions it trained on
-    samples = [im for seed in (0, 1) for im in pipe.generate(prompts, width=RES, height=RES, steps=20, cfg=5.0,
+    samples = [im for seed in (0, 1) for im in pipe.generate(prompts, width=RES, height=RES, steps=20, guidance=5.0,
                                                              seed=seed).images]
     x = pil_to_uint8(samples).float() / 255
     accuracy = nearest_photo_accuracy(x, names * 2, photo_crops(dataset))

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_helpers import perturbed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -24,16 +25,6 @@ def inputs(cfg, B=2, h=8, w=12, lengths=(5, 7), seed=0):
     masks = tuple(torch.ones(B, n, dtype=torch.bool) for n in lengths)
     return dict(xt=torch.randn(B, cfg.in_channels, h, w, generator=g), t=torch.rand(B, generator=g),
                 text=text, text_mask=masks, pooled=torch.randn(B, cfg.pooled_dim, generator=g))
-
-
-def perturbed(cfg, seed=0):
-    """A model whose zero-initialised parts are perturbed, so every path carries signal."""
-    torch.manual_seed(seed)
-    model = MMDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def test_fresh_model_predicts_zero(small_model_cfg):

@@ -1,8 +1,9 @@
-"""data/recaption_parquets.py: row alignment, filters, resume, sharding, schema, the SLURM wrapper.
+"""sd3.data.recaption and its CLI data/recaption_parquets.py: row alignment, filters, the pixels the VLM
+sees, resume, sharding, schema, the SLURM wrapper.
 
 Most tests inject deterministic fake captioners through the same interface as the transformers ones, so
 they can check which row each caption came from; the tests marked with tiny models load random LLaVA and
-Llama models through the script's real loading code.
+Llama models through the package's real loading code.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +24,16 @@ import pytest
 import torch
 from PIL import Image
 
+from data import recaption_parquets as cli
+from sd3.atomic import stale_temporaries
+from sd3.data import recaption as rc
+from sd3.data.images import decode_rgb, open_rgb
 from tests.recaption_fixtures import (
     CORRUPT,
     ROOT,
     FakeDescriber,
     FakeShortener,
     image_size,
-    load_script,
     make_tiny_llm,
     make_tiny_vlm,
     photo_bytes,
@@ -36,7 +41,6 @@ from tests.recaption_fixtures import (
     write_shards,
 )
 
-rc = load_script()
 SEED_COLUMNS = ["image", "recaption", "recaption_short", "height", "width", "aspect_ratio", "bucket_size",
                 "class", "id", "caption"]
 
@@ -101,6 +105,49 @@ def test_open_image_gives_rgb_for_every_mode_and_none_for_garbage():
     assert rc.open_image(jpeg) is not None
     for garbage in [CORRUPT, b"", jpeg[: len(jpeg) // 2], b"GIF89a\x00"]:
         assert rc.open_image(garbage) is None
+
+
+def trainer_test_images() -> dict[str, bytes]:
+    """Images whose modes need more than a plain convert('RGB'), encoded as files would hold them."""
+    rng = np.random.default_rng(0)
+    floats = rng.uniform(0, 1, (20, 24)).astype(np.float32)  # (H, W)
+    images = {
+        "16-bit PNG": (Image.fromarray(rng.integers(0, 65536, (20, 24), dtype=np.uint16)), "PNG"),
+        "float TIFF in 0..1": (Image.fromarray(floats, mode="F"), "TIFF"),
+        "float TIFF in 0..255": (Image.fromarray(floats * 200, mode="F"), "TIFF"),
+        "RGBA PNG": (Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "RGBA"), "PNG"),
+        "CMYK JPEG": (Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "CMYK"), "JPEG"),
+    }
+    return {kind: _encode(img, fmt) for kind, (img, fmt) in images.items()}
+
+
+def test_the_vlm_sees_exactly_the_pixels_the_trainer_sees(tmp_path):
+    class Recorder(FakeDescriber):
+        def __init__(self):
+            super().__init__()
+            self.pixels: list[np.ndarray] = []
+
+        def describe(self, images, prompts):
+            self.pixels += [np.array(img) for img in images]  # (H, W, 3) uint8
+            return super().describe(images, prompts)
+
+    encoded = trainer_test_images()
+    assert {Image.open(io.BytesIO(b)).mode for b in encoded.values()} >= {"I;16", "F", "RGBA", "CMYK"}
+    kinds, datas = list(encoded), list(encoded.values())
+    # Through a whole task: Hugging Face's {bytes, path} image struct -> the bytes -> decode -> the VLM.
+    struct = pa.StructArray.from_arrays([pa.array(datas, pa.binary()), pa.array([None] * len(datas), pa.string())],
+                                        names=["bytes", "path"])
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"image": struct, "caption": [f"row {i} alt text" for i in range(len(datas))]}),
+                   tmp_path / "in" / "a.parquet")
+    vlm = Recorder()
+    run_task(tmp_path / "in", tmp_path / "out", fakes=(vlm, FakeShortener()))
+    assert len(vlm.pixels) == len(datas)
+    for kind, data, seen in zip(kinds, datas, vlm.pixels):
+        trainer = decode_rgb(data).permute(1, 2, 0).numpy()  # (H, W, 3), what sd3.data.dataset decodes
+        assert seen.shape == trainer.shape == (20, 24, 3), kind
+        assert np.array_equal(seen, trainer), f"{kind}: {np.abs(seen.astype(int) - trainer).max()} levels off"
+        assert np.array_equal(seen, np.array(open_rgb(data))), kind
 
 
 def test_caption_filters_and_cleanup():
@@ -229,8 +276,9 @@ def test_a_killed_run_resumes_and_skips_finished_shards(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_task(src, out)
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    # A SIGKILL would have left the partial shard behind: the rerun must not trust it.
-    (out / "part-00002.parquet.tmp").write_bytes(b"partial")
+    # A SIGKILL leaves its partial shard behind: the rerun must not trust it, and removes it.
+    leave_partial_output(out / "part-00002.parquet")
+    assert len(stale_temporaries(out)) == 1
 
     table = pq.read_table(src / "part-00002.parquet")
     pq.write_table(table.set_column(9, "caption", pa.array([f"row {r} alt text" for r in range(12, 18)])),
@@ -248,6 +296,17 @@ def test_a_killed_run_resumes_and_skips_finished_shards(tmp_path):
 
     summary = run_task(src, out, loads=loads)  # everything finished: no model is even loaded
     assert loads == [1] and summary["shards_finished_earlier"] == 4 and summary["rows_out"] == 24
+
+
+def leave_partial_output(path: Path) -> None:
+    """What a run killed mid-shard leaves: a temporary of `path` written through sd3.atomic by a dead process."""
+    code = ("import os, signal, sys\nfrom sd3.atomic import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    open(tmp, 'wb').write(b'partial')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], env=os.environ | {"PYTHONPATH": str(ROOT / "src")},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == -signal.SIGKILL, res.stderr
 
 
 def test_shard_split_covers_every_shard_exactly_once():
@@ -310,6 +369,21 @@ def test_bad_arguments_fail_before_any_model_loads(tmp_path, change, message):
     assert loads == []
 
 
+@pytest.mark.parametrize("column, values, message", [
+    ("height", ["30"] * 3, "column 'height' is string, expected integer"),
+    ("image", ["not bytes"] * 3, "column 'image' has type string; expected binary"),
+])
+def test_columns_create_phase_would_refuse_fail_before_any_model_loads(tmp_path, column, values, message):
+    table = seed_table([0, 1, 2])
+    (tmp_path / "in").mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)),
+                   tmp_path / "in" / "a.parquet")
+    loads = []
+    with pytest.raises(rc.RecaptionError, match=message):
+        run_task(tmp_path / "in", tmp_path / "out", loads=loads)
+    assert loads == [] and not list((tmp_path / "out").glob("*.parquet"))
+
+
 # --------------------------------------------------------------------------------------------------
 # SLURM wrapper
 # --------------------------------------------------------------------------------------------------
@@ -338,11 +412,11 @@ def test_slurm_wrapper_dry_run_prints_this_tasks_command(tmp_path):
 def test_cli_defaults_shard_index_and_count_from_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "6")
-    args = rc.parse_args(["--input", "i", "--output", "o", "--vlm", "v", "--llm", "l"])
+    args = cli.parse_args(["--input", "i", "--output", "o", "--vlm", "v", "--llm", "l"])
     assert (args.shard_index, args.num_shards) == (5, 6)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
-    args = rc.parse_args(["--input", "i", "--output", "o", "--vlm", "v", "--llm", "l", "--shard-index", "2"])
+    args = cli.parse_args(["--input", "i", "--output", "o", "--vlm", "v", "--llm", "l", "--shard-index", "2"])
     assert (args.shard_index, args.num_shards) == (2, 1)
 
 

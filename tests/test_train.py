@@ -34,7 +34,12 @@ def test_train_saves_checkpoints_and_a_sample_grid(tiny_args, tmp_path, capsys):
     assert [s for s, _ in list_checkpoints(run)] == [2, 4]
     grid = Image.open(run / "samples" / "step_00000004.png")
     assert grid.width > 64 and grid.height > 64          # ten 64x64 samples tiled
-    assert "sample with: python infer.py --ckpt" in out
+    # The closing command works as printed (the interpreter running now, paths from here).
+    (command,) = re.findall(r"^sample with: (.*)$", out, flags=re.M)
+    sample = subprocess.run(command.replace("--out samples/", f"--out {tmp_path / 's'}") + " --steps 2", shell=True,
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, (command, sample.stderr)
+    assert (run / "train.log").read_text().count("| loss ") == 4  # the console lines, in the run directory
     assert "img/s" in out and "data wait" in out
 
 
@@ -134,18 +139,23 @@ def test_infer_rejects_a_size_the_model_cannot_take(trained, tmp_path):
     assert "width=60 is not a positive multiple of 8" in run.stderr
 
 
-def test_notebook_runs_headless(trained):
+def test_notebook_runs_headless(trained, tmp_path):
+    """Run where Jupyter runs it (notebooks/), with SD3_CKPT relative to the repository root and a config
+    whose encoder paths are repository-relative: it finds everything and writes nothing beside itself."""
     import os
 
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(ROOT / "notebooks" / "infer_loop.ipynb", as_version=4)
-    os.environ["SD3_CKPT"] = str(trained)
+    before = sorted(p.name for p in (ROOT / "notebooks").iterdir())
+    os.environ["SD3_CKPT"] = os.path.relpath(relocatable(trained, tmp_path), ROOT)
     try:
-        NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(ROOT)}}).execute()
+        NotebookClient(nb, kernel_name="python3", timeout=300,
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     finally:
         os.environ.pop("SD3_CKPT")
+    assert sorted(p.name for p in (ROOT / "notebooks").iterdir()) == before
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)       # the grid was displayed
     assert any("(64, 48)" in str(o.get("data", {}).get("text/plain", "")) for o in outputs)
@@ -206,3 +216,113 @@ def test_compiled_training_writes_checkpoints_that_resume_and_sample(tiny_args, 
                             text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr
     assert (tmp_path / "s" / "grid.png").exists()
+
+
+def eval_lines(run_dir: Path) -> list[dict]:
+    import json
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "eval/fid" in x]
+
+
+def test_in_training_evaluation_logs_fid_and_clip_score(tiny_args, tmp_path, tiny_assets, capsys):
+    """--log.eval_every: FID, KID and the CLIP score of the EMA weights on held-out rows, logged to the
+    console and metrics.jsonl with the step and the images seen."""
+    run = tmp_path / "run"
+    args = tiny_args(run, "--steps", "4", "--data.val_rows=6", "--log.eval_every=2", "--log.eval_num=5",
+                     "--log.eval_steps=2", "--log.eval_inception=random",
+                     f"--log.eval_clip={tiny_assets / 'enc' / 'clip'}")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "log.eval_inception=random" in out and len(re.findall(r"step \d: eval fid [0-9.]+", out)) == 2
+    evals = eval_lines(run)
+    assert [e["step"] for e in evals] == [2, 4] and all(e["eval/images"] == 5 for e in evals)
+    assert all(math.isfinite(e["eval/fid"]) and 0 <= e["eval/clip_score"] <= 100 for e in evals)
+    assert evals[0]["images"] == 2 * 4                          # images seen at that step
+    with pytest.raises(Exception, match="eval_num"):
+        train.main(tiny_args(run, "--log.eval_every=2", "--log.eval_num=8", "--data.val_rows=6"))
+
+
+# --- infer.py refuses bad input at once, and finds its files from anywhere ---------------------------
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Refusals must come before any model loads."""
+    import sd3.inference
+
+    def refuse(*a, **k):
+        raise AssertionError("Pipeline.load ran before the arguments were checked")
+
+    monkeypatch.setattr(sd3.inference.Pipeline, "load", refuse)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "  "], "--prompt number 1 is empty; to sample the unconditional model, give any prompt with --cfg 0"),
+    (["--prompt", "a cat", "--batch", "0"], "--batch 0: give at least 1 image per prompt"),
+    (["--prompt", "a cat", "--width", "60"], "width=60 is not a positive multiple of 8"),
+])
+def test_infer_refuses_bad_arguments_before_loading(trained, no_model_loading, capsys, args, message):
+    import infer
+
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--ckpt", str(trained), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_infer_refuses_bad_checkpoints_and_devices(trained, no_model_loading, capsys, tmp_path):
+    import infer
+
+    runs = trained.parents[2]   # tmp_path: holds the run "run"
+    for ckpt, message in [(str(tmp_path / "nope"), "no such file or directory"),
+                          (str(runs), f"holds runs, not a checkpoint; pick one: {runs / 'run'}")]:
+        with pytest.raises(SystemExit):
+            infer.main(["--ckpt", ckpt, "--prompt", "a cat"])
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            infer.main(["--ckpt", str(trained), "--prompt", "a cat", "--device", "cuda"])
+        assert "CUDA is not available here; use --device cpu" in capsys.readouterr().err
+
+
+def test_infer_warns_about_prompts_the_encoders_cut(trained, no_model_loading, capsys):
+    import infer
+
+    long = " ".join(f"word{i}" for i in range(300))
+    with pytest.raises(AssertionError, match=r"Pipeline\.load ran"):  # the checks passed; loading comes next
+        infer.main(["--ckpt", str(trained), "--prompt", "a cat", "--prompt", long])
+    err = capsys.readouterr().err
+    assert re.search(r"warning: prompt 2 is (\d+) tokens for encoders.text\[0\] .* which reads 77: the last \d+ are "
+                     r"cut, from '.*word\d+.*' on", err), err
+    assert "prompt 1" not in err
+
+
+def relocatable(trained: Path, tmp_path: Path) -> Path:
+    """A copy of the checkpoint whose config names its encoders by paths relative to the repository root,
+    as the tiny preset's checkpoints do."""
+    import json
+    import os
+    import shutil
+
+    ckpt = tmp_path / "relative" / "checkpoints" / trained.name
+    shutil.copytree(trained, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    enc = config["encoders"]
+    enc["text"] = [os.path.relpath(p, ROOT) for p in enc["text"]]
+    enc["pooled"] = os.path.relpath(enc["pooled"], ROOT)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "manifest.json").unlink()   # the config changed: a checkpoint from before manifests
+    return ckpt
+
+
+def test_infer_and_the_notebook_work_from_any_directory(trained, tmp_path):
+    """Relative config paths resolve against the repository, not the current directory: run from
+    elsewhere, nothing is created there but the asked-for output."""
+    ckpt = relocatable(trained, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--ckpt", str(ckpt), "--prompt", "a cat",
+                          "--steps", "2", "--out", "out"], cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["out"]
+    assert (elsewhere / "out" / "grid.png").exists()

@@ -135,3 +135,30 @@ def test_validation_times_are_training_quantiles():
     torch.testing.assert_close(ts[3] + ts[4], torch.tensor(1.0))  # logit-normal(0, 1) is symmetric
     cfg.t_sampling = "uniform"
     torch.testing.assert_close(validation_times(cfg, 64), (torch.arange(8) + 0.5) / 8)
+
+
+def test_sample_grids_use_the_shift_training_used(monkeypatch, tmp_path, small_model_cfg):
+    """In-training grids sample with the run's own schedule shift (fixed or resolution-dependent) and
+    precision: what inference will use."""
+    import sd3.trainer as trainer
+    from sd3.batch import Batch
+    from sd3.encoders import PixelAutoencoder
+
+    seen = {}
+
+    def fake(model, **kwargs):
+        seen.update(kwargs)
+        return torch.zeros(1, 48, 16, 16)
+
+    monkeypatch.setattr(trainer, "generate_latents", fake)
+    cfg = preset("tiny")
+    prompts = Batch(latents=torch.empty(1, 48, 0, 0), text=(torch.zeros(1, 1, 64), torch.zeros(1, 1, 48)),
+                    text_mask=(torch.ones(1, 1, dtype=torch.bool),) * 2, pooled=torch.zeros(1, 32), step=-1,
+                    rows=torch.zeros(1, dtype=torch.int64))
+    model = MMDiT(small_model_cfg)
+    cfg.flow.t_shift = 3.0
+    trainer.sample_grid(model, prompts, PixelAutoencoder(4, torch.device("cpu")), cfg, tmp_path / "a.png")
+    assert seen["shift"] == 3.0 and seen["precision"] == cfg.train.precision
+    cfg.flow.t_shift_by_resolution, cfg.flow.t_shift_base_tokens = True, 16   # 64 px / 4 / 2: 64 tokens
+    trainer.sample_grid(model, prompts, PixelAutoencoder(4, torch.device("cpu")), cfg, tmp_path / "b.png")
+    assert seen["shift"] == pytest.approx(3.0 * 2)

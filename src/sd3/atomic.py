@@ -47,6 +47,7 @@ def temporary_sibling(final: Path) -> Path:
 
 
 def remove(path: Path) -> None:
+    """Remove a file or a folder tree; nothing when it is not there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -54,37 +55,73 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
+def publish(tmp: Path, final: Path, *, replace: bool = True) -> bool:
+    """Make a written temporary durable and rename it to `final` (the commit half of `atomic_path`, for
+    writers that outlive one block, such as a parquet writer fed row group by row group). An existing
+    folder `final` is moved aside first and removed only once the new one is in place; with `replace`
+    False an existing `final` is kept (and `tmp` removed). Returns whether `tmp` was published."""
+    if tmp.is_dir():
+        fsync_tree(tmp)
+    else:
+        fsync_path(tmp)
+    if final.exists() and not replace:
+        remove(tmp)
+        return False
+    if tmp.is_dir() and final.exists():
+        aside = final.with_name(f".{final.name}.old{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+        remove(aside)
+    else:
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final.is_dir() and not replace):
+                raise
+            remove(tmp)
+            return False  # another writer's folder appeared meanwhile: keep theirs
+        fsync_path(final.parent)
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, *, folder: bool = False, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path (a new empty folder when `folder`) to write; on success it is made durable
-    and renamed to `final`. An existing `final` is replaced (a file atomically; a folder is moved aside
-    first and removed only once the new one is in place) unless `replace` is False, in which case the
-    one already there is kept. On failure the temporary is removed and the error propagates."""
+    and renamed to `final` (`publish`). An existing `final` is replaced unless `replace` is False, in which
+    case the one already there is kept. On failure the temporary is removed and the error propagates."""
+    final, tmp = _begin(final, folder)
+    try:
+        yield tmp
+        _commit(tmp, final, folder=folder, replace=replace)
+    finally:
+        remove(tmp)
+
+
+def build_atomically(final: str | Path, build, *, folder: bool = False, replace: bool = True) -> bool:
+    """`build(tmp)` then publish it as `final`, as `atomic_path` does. Returns whether this call's result
+    was published (False: `replace` is False and another writer's `final` was there first)."""
+    final, tmp = _begin(final, folder)
+    try:
+        build(tmp)
+        return _commit(tmp, final, folder=folder, replace=replace)
+    finally:
+        remove(tmp)
+
+
+def _begin(final: str | Path, folder: bool) -> tuple[Path, Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(final)
     if folder:
         tmp.mkdir()
-    try:
-        yield tmp
-        if folder:
-            fsync_tree(tmp)
-        else:
-            fsync_path(tmp)
-        if final.exists() and not replace:
-            return
-        if folder and final.exists():
-            aside = final.with_name(f".{final.name}.old{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            fsync_path(final.parent)
-            remove(aside)
-        else:
-            os.replace(tmp, final)
-            fsync_path(final.parent)
-    finally:
-        if tmp.exists():
-            remove(tmp)
+    return final, tmp
+
+
+def _commit(tmp: Path, final: Path, *, folder: bool, replace: bool) -> bool:
+    if folder and final.is_dir() and not any(final.iterdir()):
+        final.rmdir()  # an empty folder (made by hand, or as a parent path) holds nothing to keep
+    return publish(tmp, final, replace=replace)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -250,17 +250,22 @@ class CheckpointWriter:
                 free = shutil.disk_usage(self.root).free
                 # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
                 if _is_no_space(error) or free < need:
-                    raise NoSpaceError(self._no_space(final, need, free)) from error
+                    raise NoSpaceError(self._no_space(final, need, free, refused=_is_no_space(error))) from error
                 raise
             self._prune()
         except BaseException as error:  # reported by wait() on the training thread
             self._error = error
 
-    def _no_space(self, final: Path, need: int, free: int) -> str:
+    def _no_space(self, final: Path, need: int, free: int, refused: bool = False) -> str:
+        after = ("nothing partial was left behind and the previous checkpoints are intact. Free space (or lower "
+                 "--log.keep_last), then rerun with --resume auto")
+        if refused and free >= need:  # bytes are left, yet the filesystem said ENOSPC/EDQUOT: files or a quota
+            return (f"no space for checkpoint {final.name} under {self.root}: the filesystem refused to write "
+                    f"(no space left or quota exceeded) although {free / 2**20:,.1f} MiB are free and it needs "
+                    f"{need / 2**20:,.1f} MiB: out of inodes or over a quota (check df -i and your quota); "
+                    + after)
         return (f"not enough disk space for checkpoint {final.name} under {self.root}: it needs "
-                f"{need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free; nothing partial was left behind "
-                "and the previous checkpoints are intact. Free space (or lower --log.keep_last), then rerun "
-                "with --resume auto")
+                f"{need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free; " + after)
 
     def _clean_up(self) -> None:
         """Before a save: put back a checkpoint left moved aside by a killed re-save, and remove the

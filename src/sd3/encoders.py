@@ -40,7 +40,10 @@ from sd3.paths import resolve
 # tokens unless they averaged over 256 characters each, which no real vocabulary's tokens do.
 _CHARS_PER_TOKEN_LIMIT = 256
 
-_STAND_IN_HINT = "or pass --encoders.create_tiny=true for random-init stand-ins (demo and tests only)"
+# Stand-ins are created only inside data/tiny_encoders (sd3.stand_ins.STAND_IN_DIR, not imported: runtime
+# modules never import the stand-in builder), so the hint names the folder as well as the flag.
+_STAND_IN_HINT = ("or, for random-init stand-ins (demo and tests only), a path under data/tiny_encoders/ "
+                  "with --encoders.create_tiny=true")
 
 
 def encoder_dtype(cfg: EncoderConfig, device: torch.device | str) -> torch.dtype:
@@ -226,6 +229,28 @@ def _check_clip_eos(key: str, source: str, tokenizer, config) -> None:
             f"tokenizer, which ends a caption with token {ids[-1]} (eos {eos}); the pooled vector would be "
             "taken at the wrong position: use the tokenizer saved with the model"
         )
+
+
+def prompt_warnings(cfg: EncoderConfig, prompts: list[str]) -> list[str]:
+    """One line per prompt that some encoder will cut (it reads `max_tokens`, CLIP at most 77): the token
+    count and the words that are ignored. Loads the tokenizers only (a second), not the models."""
+    from transformers import AutoConfig
+
+    out = []
+    sources = [(f"encoders.text[{i}]", s) for i, s in enumerate(cfg.text)] + [("encoders.pooled", cfg.pooled)]
+    for key, source in sources:
+        tokenizer = _load_tokenizer(key, source)
+        config = _load(key, source, AutoConfig.from_pretrained)
+        positions = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+        limit = min(cfg.max_tokens, positions) if positions else cfg.max_tokens
+        for n, prompt in enumerate(prompts, 1):
+            ids = tokenizer(prompt[: limit * _CHARS_PER_TOKEN_LIMIT * 4])["input_ids"]
+            if len(ids) > limit:
+                cut = tokenizer.decode(ids[limit:], skip_special_tokens=True).strip()
+                shown = cut if len(cut) <= 40 else cut[:37] + "..."
+                out.append(f"prompt {n} is {len(ids)} tokens for {key} ({source}), which reads {limit}: "
+                           f"the last {len(ids) - limit} are cut, from {shown!r} on")
+    return out
 
 
 def _check_captions(captions: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ from sd3.encoders import check_widths, load_autoencoder, load_text_encoders
 from sd3.flow import dropout_keep, step_generator
 from sd3.metrics import log_rank
 from sd3.runtime import Runtime
-from sd3.transport import PROMPTS, VALIDATION, Sender, TransportError, pack, pack_end, pack_error, peer_error
+from sd3.transport import EVAL, PROMPTS, VALIDATION, Sender, TransportError, pack, pack_end, pack_error, peer_error
 
 VAE_CHUNK_PIXELS = 64 * 256 * 256
 """Pixels per autoencoder call (64 images at 256 px, 4 at 1024 px): bounds its activation memory at any
@@ -41,6 +41,12 @@ resolution for large loader batches."""
 def vae_chunk(height: int, width: int) -> int:
     """Images of this size per autoencoder call."""
     return max(1, VAE_CHUNK_PIXELS // (height * width))
+
+
+def eval_rows(dataset, cfg: Config, model_index: int, num_model_ranks: int):
+    """Model rank `model_index`'s share of the evaluation rows: every n-th of the first log.eval_num
+    held-out rows (which are a uniform draw from the dataset already)."""
+    return dataset.holdout[: cfg.log.eval_num][model_index::num_model_ranks]
 
 
 def open_dataset(cfg: Config, num_model_ranks: int):
@@ -57,6 +63,7 @@ class BatchProducer:
                  loader_index: int = 0):
         self.cfg, self.device = cfg, device
         self.model_indices = list(model_indices)
+        self.num_model_ranks = num_model_ranks
         self.loader_index = loader_index
         self.dataset = open_dataset(cfg, num_model_ranks)
         self.text = load_text_encoders(cfg.encoders, device)
@@ -107,8 +114,10 @@ class BatchProducer:
         text, text_mask, pooled = self.text.encode(captions)
         return Batch(latents=latents, text=text, text_mask=text_mask, pooled=pooled, step=step, rows=rows)
 
-    def extras(self, kind: int) -> list[Batch]:
-        """Startup batches for the first model rank: the sample-grid prompts, the held-out rows."""
+    def extras(self, kind: int, model_index: int = 0) -> list[Batch]:
+        """Startup batches: the sample-grid prompts and the held-out rows (for the first model rank), and
+        the captions of model rank `model_index`'s share of the evaluation rows (no latents: see
+        sd3.online_eval)."""
         if kind == PROMPTS:
             prompts = list(self.cfg.log.sample_prompts)
             if not prompts:
@@ -122,6 +131,16 @@ class BatchProducer:
             return [self.encode(raw.images, raw.captions, step=-1 - i, rows=torch.from_numpy(raw.rows),
                                 salt=salts.HOLDOUT_POSTERIOR)
                     for i, raw in enumerate(self.dataset.holdout_batches(self.cfg.data.batch_size))]
+        if kind == EVAL:
+            C = self.cfg.model.in_channels
+            out = []
+            for raw in self.dataset.holdout_batches(self.cfg.data.batch_size, dtype=torch.uint8,
+                                                    rows=eval_rows(self.dataset, self.cfg, model_index,
+                                                                   self.num_model_ranks)):
+                text, text_mask, pooled = self.text.encode(raw.captions)
+                out.append(Batch(latents=torch.empty(raw.size, C, 0, 0, device=self.device), text=text,
+                                 text_mask=text_mask, pooled=pooled, step=-1, rows=torch.from_numpy(raw.rows)))
+            return out
         raise ValueError(f"unknown startup batch kind {kind}")
 
     def close(self) -> None:
@@ -176,11 +195,12 @@ def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> N
                                  num_model_ranks=len(rt.ranks.model_ranks), loader_index=rt.ranks.loader_index(rt.rank))
         log_rank(rt.rank, "loader", f"feeding model ranks {feeds}: {producer.dataset.describe()}")
         first_model = rt.ranks.model_ranks[0]
-        if first_model in feeds:
-            for kind in (PROMPTS, VALIDATION):
-                for extra in producer.extras(kind):
-                    sender.send(pack(extra, kind=kind), first_model)
-                sender.send(pack(_end_marker(cfg, rt.device), kind=kind), first_model)
+        for dst, index in zip(feeds, indices):   # startup batches, each kind ending with an empty one
+            kinds = (PROMPTS, VALIDATION) if dst == first_model else ()
+            for kind in kinds + ((EVAL,) if cfg.log.eval_every else ()):
+                for extra in producer.extras(kind, index):
+                    sender.send(pack(extra, kind=kind), dst)
+                sender.send(pack(_end_marker(cfg, rt.device), kind=kind), dst)
         producer.start(start_step, end_step)
         for _ in range(start_step, end_step):
             finished = done.finished()
@@ -199,6 +219,8 @@ def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> N
             sender.send(pack_end(rt.device), dst)
         sender.flush()
     except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):
+            raise  # Ctrl-C (torchrun passes SIGINT on to every rank): a stop, not a failure to report
         reason = f"{type(error).__name__}: {error}"
         log_rank(rt.rank, "loader", f"failed: {reason}\n{traceback.format_exc()}")
         alive = [dst for dst in feeds if f"model rank {dst} exited" not in reason]

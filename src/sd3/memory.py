@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sd3.config import Config, EncoderConfig, ModelConfig
+from sd3.config.schema import PRECISIONS
 from sd3.paths import resolve
 
 GIB = 1024**3
@@ -85,7 +86,7 @@ class Numerics:
     """Normalised q / k kept for the per-stream RMSNorm weight's gradient (`joint_rms_norm`): fp32 when
     CUDA autocast runs RMSNorm in fp32; the CPU decomposition returns the input's dtype."""
     rms_weighted: int
-    """An RMSNorm that takes its weight inside (the text embedders, the last block's image queries): the
+    """An RMSNorm that takes its weight inside (the text embedders): the
     CPU decomposes it and keeps x * rstd in fp32 for the weight's gradient; the fused CUDA kernel keeps
     only its input and rstd (0)."""
     attn_copy: bool
@@ -103,7 +104,7 @@ class Numerics:
 
 def numerics(precision: str, device_type: str) -> Numerics:
     """`train.precision` ('bf16' or 'fp32') on 'cuda' or 'cpu'. bf16 means autocast: fp32 master weights."""
-    if precision not in ("bf16", "fp32") or device_type not in ("cuda", "cpu"):
+    if precision not in PRECISIONS or device_type not in ("cuda", "cpu"):
         raise ValueError(f"numerics: precision={precision!r} on {device_type!r}; expected bf16/fp32 on cuda/cpu")
     cuda = device_type == "cuda"
     if precision == "fp32":
@@ -182,23 +183,13 @@ def block_terms(cfg: ModelConfig, *, batch: int, img_tokens: int, txt_tokens: in
         Term("k RMSNorm rstd", n * H * 4),
         Term("k after RoPE (attention input)", n * D * mm),
         Term("v (attention input)", n * D * mm),
-        Term("RMSNorm weights over the joint sequence", (1 if last else 2) * (img_tokens + txt_tokens) * Dh * 4),
+        # `joint_rms_norm` keeps each stream's weight expanded over its tokens: keys, then queries.
+        Term("RMSNorm weights over the sequence", (img_tokens + txt_tokens + nq // batch) * Dh * 4),
+        # Queries (the last block: image only) through the same joint norm, which copies them first.
+        Term("q RMSNorm input", nq * D * nx.rms_in),
+        Term("q RMSNorm output", nq * D * nx.rms_out),
+        Term("q RMSNorm rstd", nq * H * 4),
     ])
-    if last:
-        # `q_norm(img_q)`: an RMSNorm with its weight inside, on a view of the image qkv output. In fp32
-        # the view keeps the whole (n_img, 3D) projection output alive; under autocast the fp32 cast does.
-        q_in = n_img * 3 * D * 4 if mm == 4 else n_img * D * nx.rms_in
-        terms.extend([
-            Term("img q RMSNorm input", q_in),
-            Term("img q RMSNorm x*rstd", n_img * D * nx.rms_weighted),
-            Term("img q RMSNorm rstd", n_img * H * 4),
-        ])
-    else:
-        terms.extend([
-            Term("q RMSNorm input", n * D * nx.rms_in),
-            Term("q RMSNorm output", n * D * nx.rms_out),
-            Term("q RMSNorm rstd", n * H * 4),
-        ])
     terms.extend([
         Term("q after RoPE (attention input)", nq * D * mm),
         Term("attention output", nq * D * mm),

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sd3.atomic import atomic_write_text
 from sd3.config import LogConfig
 
 _IS_MAIN = True
+_LOG_FILE = None
 
 
 def set_main(is_main: bool) -> None:
@@ -26,15 +28,48 @@ def set_main(is_main: bool) -> None:
     _IS_MAIN = is_main
 
 
+def open_log(path: Path) -> None:
+    """Append every console line of this rank (print0, log0, log_rank; not the progress bar) to `path`
+    as well: `<run_dir>/train.log`, the run's own record without wandb."""
+    global _LOG_FILE
+    close_log()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _LOG_FILE = open(path, "a", buffering=1)  # noqa: SIM115  (kept open for the run: line-buffered appends)
+
+
+def close_log() -> None:
+    global _LOG_FILE
+    if _LOG_FILE is not None:
+        _LOG_FILE.close()
+        _LOG_FILE = None
+
+
+def _to_file(text: str) -> None:
+    if _LOG_FILE is not None:
+        _LOG_FILE.write(text.rstrip("\n") + "\n")
+
+
 def print0(*args, **kwargs) -> None:
-    """print on the rank that logs (the first model rank), nowhere else."""
+    """print on the rank that logs (the first model rank), nowhere else; also to its train.log."""
     if _IS_MAIN:
         print(*args, **kwargs, flush=True)
+        _to_file(" ".join(map(str, args)))
+
+
+def log0(message: str) -> None:
+    """A console line on the logging rank that does not break the progress bar (tqdm.write)."""
+    if _IS_MAIN:
+        from tqdm import tqdm
+
+        tqdm.write(message)
+        _to_file(message)
 
 
 def log_rank(rank: int, role: str, message: str) -> None:
     """A line from any rank, tagged (for errors and loader notes that every rank may need to say)."""
-    print(f"[rank {rank} {role}] {message}", file=sys.stderr, flush=True)
+    line = f"[rank {rank} {role}] {message}"
+    print(line, file=sys.stderr, flush=True)
+    _to_file(line)
 
 
 class TimeBins:
@@ -126,9 +161,7 @@ class History:
                 else:
                     dropped += 1
         if dropped:
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(kept))
         return dropped
 
     def write(self, step: int, metrics: dict) -> None:

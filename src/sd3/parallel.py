@@ -52,8 +52,3 @@ def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup 
         process_group=group,
         gradient_as_bucket_view=True,   # gradients live in the all-reduce buckets: one copy fewer
     )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP (its state_dict is what checkpoints store)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -71,10 +71,14 @@ def _call(model, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
 
 
 def euler(velocity: Velocity, x: Tensor, ts: Tensor, *, on_step=None, generator=None) -> Tensor:
+    """`on_step(x, t, x0)` after each step: the new state, its time, and the clean estimate x0 = x_t - t v
+    the step was taken from (the flow's x_t = (1 - t) x0 + t x1 with v = x1 - x0)."""
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        x = x + (t_next - t_cur) * velocity(x, t_cur)
+        v = velocity(x, t_cur)
+        x0 = x - t_cur * v
+        x = x + (t_next - t_cur) * v
         if on_step:
-            on_step(x, t_next)
+            on_step(x, t_next, x0)
     return x
 
 
@@ -84,14 +88,13 @@ def heun(velocity: Velocity, x: Tensor, ts: Tensor, *, on_step=None, generator=N
     never asked for the velocity at t = 0, where the flow's velocity (x - x0) / t is undefined."""
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         dt = t_next - t_cur
-        v_cur = velocity(x, t_cur)
-        if t_next <= 0:
-            x = x + dt * v_cur
-        else:
-            v_next = velocity(x + dt * v_cur, t_next)
-            x = x + dt * (v_cur + v_next) / 2
+        v = velocity(x, t_cur)
+        if t_next > 0:
+            v = (v + velocity(x + dt * v, t_next)) / 2
+        x0 = x - t_cur * v
+        x = x + dt * v
         if on_step:
-            on_step(x, t_next)
+            on_step(x, t_next, x0)
     return x
 
 
@@ -108,6 +111,7 @@ def euler_stochastic(velocity: Velocity, x: Tensor, ts: Tensor, *, on_step=None,
     which drifts off the marginals. The last step to t = 0 is deterministic (x0 = x - t v)."""
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         v = velocity(x, t_cur)
+        x0 = x - t_cur * v
         h = t_cur - t_next
         if t_next <= 0:
             x = x - h * v
@@ -117,7 +121,7 @@ def euler_stochastic(velocity: Velocity, x: Tensor, ts: Tensor, *, on_step=None,
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x - h * (v - sigma**2 / 2 * score) + sigma * h.sqrt() * noise
         if on_step:
-            on_step(x, t_next)
+            on_step(x, t_next, x0)
     return x
 
 

@@ -69,8 +69,9 @@ class BatchSource(abc.ABC):
         return self
 
     @abc.abstractmethod
-    def finish(self, step: int) -> None:
-        """This rank is done after `step`: end the conversation with whatever produces the batches."""
+    def finish(self, step: int, *, within: float | None = None) -> None:
+        """This rank is done after `step`: end the conversation with whatever produces the batches (waiting
+        at most `within` seconds for its end, when given)."""
 
 
 class LocalSource(BatchSource):
@@ -95,7 +96,7 @@ class LocalSource(BatchSource):
         self.step += 1
         return batch
 
-    def finish(self, step: int) -> None:
+    def finish(self, step: int, *, within: float | None = None) -> None:
         self.producer.close()
 
 
@@ -128,8 +129,8 @@ class RemoteSource(BatchSource):
             if message.kind in (END, ERROR):
                 return
 
-    def _get(self) -> Message:
-        item = self._queue.get()
+    def _get(self, timeout: float | None = None) -> Message:
+        item = self._queue.get(timeout=timeout)
         self.closed = isinstance(item, BaseException) or item.kind in (END, ERROR)  # nothing follows it
         if isinstance(item, BaseException):
             raise item
@@ -162,15 +163,22 @@ class RemoteSource(BatchSource):
                           bad_rows=message.stats["bad_rows"])
         return message.batch
 
-    def finish(self, step: int) -> None:
-        """Tell the loader this rank is done after `step`, then take what it already sent until its END."""
+    def finish(self, step: int, *, within: float | None = None) -> None:
+        """Tell the loader this rank is done after `step`, then take what it already sent until its END.
+
+        The loader sends END once every rank it feeds is done. A rank that failed on its own gives up after
+        `within` seconds: another model rank may be blocked in a collective with it (DDP's all-reduce), and
+        is done only once this one has exited and broken it."""
         work = dist.isend(torch.tensor([step]), self.src, group=self.ctrl_group)
         try:
             work.wait(self.timeout)
         except Exception as error:
             raise peer_error(error, f"loader rank {self.src}", self.timeout) from error
+        deadline = None if within is None else time.monotonic() + within
         while not self.closed:
             try:
-                self._get()
+                self._get(None if deadline is None else max(0.0, deadline - time.monotonic()))
             except LoaderFailed:
                 return  # it failed after this rank was done: nothing of this run is lost
+            except queue.Empty:
+                return  # this rank failed; the others end on their own

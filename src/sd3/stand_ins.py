@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from sd3.atomic import build_atomically
 from sd3.config import Config, ConfigError, EncoderConfig, ModelConfig, preset
 from sd3.paths import resolve
 
@@ -188,24 +186,14 @@ def _is_complete(path: Path, *, tokenizer: bool) -> bool:
 
 
 def _write_atomically(target: Path, build: Callable[[Path], None], *, tokenizer: bool) -> bool:
-    """Build into a private temporary sibling, then rename it to `target`. Returns False when another
-    process got there first (its directory is complete: rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        build(tmp)
-        with contextlib.suppress(OSError):
-            target.rmdir()  # an empty directory (made by hand, or a parent path) is replaced
-        try:
-            tmp.rename(target)
-        except OSError:
-            if _is_complete(target, tokenizer=tokenizer):
-                return False  # lost a race; the winner's copy is the same seeded stand-in
-            raise
+    """Build into a private temporary sibling, then publish it as `target` (`sd3.atomic`). Returns False
+    when another process got there first (rename is atomic: its directory is complete, and it is the same
+    seeded stand-in)."""
+    if build_atomically(target, build, folder=True, replace=False):
         return True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_complete(target, tokenizer=tokenizer):
+        raise ConfigError(f"{target} appeared while a stand-in was built there, but holds no complete model")
+    return False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import dataclasses
 import itertools
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -31,14 +32,14 @@ from sd3.config import Config, FlowConfig, TrainConfig, to_dict
 from sd3.ema import EMA
 from sd3.flow import Cond, draw_kept_tokens, dropout_keep, flow_loss, mask_ratio_at, shift_for, shift_t, step_generator
 from sd3.inference import generate_latents, make_grid, to_pil
-from sd3.metrics import Logger, TimeBins, format_line, mfu, print0
+from sd3.metrics import Logger, TimeBins, format_line, log0, mfu, print0
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
 from sd3.optim import build_optimizer, lr_at, set_lr
 from sd3.parallel import parallelize
 from sd3.paths import resolve
 from sd3.runtime import Runtime, StopSignal
 from sd3.sources import BatchSource
-from sd3.transport import PROMPTS, VALIDATION
+from sd3.transport import EVAL, PROMPTS, VALIDATION, TransportError, peer_died, peer_error
 
 PREEMPTED = "PREEMPTED"
 """Marker in the run directory: the run stopped for a signal, cleanly; the SLURM script requeues it."""
@@ -363,10 +364,10 @@ def sample_grid(model: MMDiT, prompts: Batch, ae, cfg: Config, path: Path) -> Pa
     res, p = cfg.model.max_res, cfg.model.patch_size
     shift = shift_for(cfg.flow, (res // ae.factor // p) ** 2)
     latents = generate_latents(model, cond=cond, uncond=None, width=res, height=res, latent_factor=ae.factor,
-                               steps=cfg.log.sample_steps, cfg=cfg.log.sample_cfg, sampler="euler",
+                               steps=cfg.log.sample_steps, guidance=cfg.log.sample_cfg, sampler="euler",
                                seed=cfg.train.seed, shift=shift, precision=cfg.train.precision)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(to_pil(ae.decode(latents))).save(path)
+    make_grid(to_pil(ae.decode(latents)), captions=list(cfg.log.sample_prompts)).save(path)
     return path
 
 
@@ -424,9 +425,15 @@ class Trainer:
         self.logger = Logger(cfg.log, run_dir=self.run_dir, config=to_dict(cfg), run_id=self.state.wandb_id or None,
                              enabled=self.logging, start_step=self.state.step, images_per_step=self.images_per_step)
         self.state.wandb_id = self.logger.run_id or ""
-        extras = source.startup((PROMPTS, VALIDATION)) if self.logging else {}
+        kinds = ((PROMPTS, VALIDATION) if self.logging else ()) + ((EVAL,) if cfg.log.eval_every else ())
+        extras = source.startup(kinds) if kinds else {}
         self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
         self.autoencoder, self._ema_model, self._ae = autoencoder, None, None
+        self.evaluator = None
+        if cfg.log.eval_every:
+            from sd3.online_eval import OnlineEval
+
+            self.evaluator = OnlineEval(cfg, rt, extras[EVAL], autoencoder=self.ae)
         self._source_mark = dataclasses.asdict(source.counters)
         self.metrics: dict = {}
         self.last_saved: Path | None = None
@@ -440,7 +447,7 @@ class Trainer:
         vote, batches = StopVote(self.rt.model_ctrl_group), iter(self.source)
         decision = GO_ON
         with tqdm(total=total, initial=self.state.step, desc="train", disable=not self.logging,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, self.peers_named():
             while self.state.step < total:
                 self.note_unmasking()
                 result = train_step(self.train_model, self.optimizer, batches, step=self.state.step, cfg=cfg,
@@ -453,10 +460,21 @@ class Trainer:
                 decision = vote(self.request(stop))
                 if decision != GO_ON and self.state.step < total:
                     break
-        vote.close()
+            vote.close()
         if decision == FAIL:
             self.raise_failure()
         return self.finish(stopped_early=decision == STOP and self.state.step < total, stop=stop)
+
+    @contextmanager
+    def peers_named(self):
+        """A collective of the model ranks (DDP's gradient all-reduce, the vote, the metrics) that fails
+        because another model rank died raises gloo's bare "connection reset" error: say what it means."""
+        try:
+            yield
+        except RuntimeError as error:
+            if isinstance(error, TransportError) or not peer_died(error):
+                raise
+            raise peer_error(error, "another model rank", timedelta(seconds=self.cfg.ranks.timeout_s)) from error
 
     def after_step(self, result: StepResult) -> None:
         self.guard.record(self.state.step, result.skipped, result.grad_norm)
@@ -471,6 +489,8 @@ class Trainer:
             self.guard.check()
         if self.logging and log.val_every and self.val_batches and step % log.val_every == 0:
             self.validate()
+        if log.eval_every and step % log.eval_every == 0:
+            self.evaluate()
         if self.logging and log.sample_every and self.prompts and step % log.sample_every == 0:
             self.logger.image(step, "samples", self.sample(), caption=" | ".join(self.cfg.log.sample_prompts))
         if self.logging and step % log.save_every == 0:
@@ -544,7 +564,7 @@ class Trainer:
         if self.logging:
             self.logger.log(self.state.step, self.metrics)
             bar.set_postfix(loss=f"{self.metrics['loss']:.4f}", img_s=f"{self.metrics['images_per_s']:.1f}")
-            tqdm.write(format_line(self.state.step, self.cfg.train.steps, self.metrics))
+            log0(format_line(self.state.step, self.cfg.train.steps, self.metrics))
 
     @property
     def images_per_step(self) -> int:
@@ -554,17 +574,38 @@ class Trainer:
         val = validation_loss(self.model, self.val_batches, self.cfg, self.device)
         self.metrics.update(val)
         self.logger.log(self.state.step, val)
-        tqdm.write(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
+        log0(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
         if not math.isfinite(val["val/loss"]):
             raise Diverged(f"the validation loss at step {self.state.step} is {val['val/loss']}; no checkpoint "
                            "of it was written. Resume from the newest checkpoint with a lower --train.lr")
 
-    def sample(self) -> Path:
+    def ema_model(self) -> MMDiT:
+        """A model holding the current EMA weights (built on first use)."""
         if self._ema_model is None:
-            self._ema_model, self._ae = MMDiT(self.cfg.model).to(self.device).eval(), self.autoencoder()
+            self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
         self.ema.copy_to(self._ema_model)
+        return self._ema_model
+
+    def ae(self):
+        """The autoencoder that decodes generated latents (loaded on first use)."""
+        if self._ae is None:
+            self._ae = self.autoencoder()
+        return self._ae
+
+    def sample(self) -> Path:
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
-        return sample_grid(self._ema_model, self.prompts[0], self._ae, self.cfg, path)
+        return sample_grid(self.ema_model(), self.prompts[0], self.ae(), self.cfg, path)
+
+    def evaluate(self) -> None:
+        """FID (KID, CLIP score) of the EMA weights on the evaluation rows: every model rank takes part."""
+        result = self.evaluator.run(self.ema_model(), self.state.step)
+        self.metrics.update(result)
+        if self.logging:
+            self.logger.log(self.state.step, result)
+            clip = f" | clip score {result['eval/clip_score']:.2f}" if "eval/clip_score" in result else ""
+            log0(f"step {self.state.step}: eval fid {result['eval/fid']:.3f} | kid {result['eval/kid']:.4f} "
+                       f"+- {result['eval/kid_std']:.4f}{clip} ({int(result['eval/images'])} images, "
+                       f"{result['eval/seconds']:.0f} s)")
 
     def save(self, blocking: bool = False) -> None:
         """A checkpoint of this step, unless the step was bad: none is written from a bad stretch."""

@@ -36,8 +36,9 @@ HEADER_LEN = 32
 MAX_STREAMS = (HEADER_LEN - 16) // 2
 
 # Message kinds
-BATCH, PROMPTS, VALIDATION, END, ERROR = 1, 2, 3, 4, 5
-KIND_NAMES = {BATCH: "batch", PROMPTS: "prompts", VALIDATION: "validation", END: "end", ERROR: "error"}
+BATCH, PROMPTS, VALIDATION, END, ERROR, EVAL = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {BATCH: "batch", PROMPTS: "prompts", VALIDATION: "validation", END: "end", ERROR: "error",
+              EVAL: "evaluation"}
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
@@ -191,7 +192,12 @@ class Sender:
         self.bytes_sent = 0
 
     def send(self, tensors: list[Tensor], dst: int) -> None:
-        works = [dist.isend(t, dst, group=self.group) for t in tensors]
+        works = []
+        try:
+            for t in tensors:
+                works.append(dist.isend(t, dst, group=self.group))
+        except Exception as error:  # gloo refuses a send to a peer whose connection is already closed
+            raise self._diagnose(error, dst) from error
         self._in_flight.append((works, tensors, dst))
         self.bytes_sent += wire_bytes(tensors)
         while len(self._in_flight) > self.max_in_flight:
@@ -237,13 +243,18 @@ _DEATH = ("connection closed", "connection reset", "broken pipe", "remote proces
           "remote end closed")
 
 
+def peer_died(error: BaseException) -> bool:
+    """Whether a failed communication call failed because the process at the other end is gone."""
+    return any(mark in str(error).lower() for mark in _DEATH)
+
+
 def peer_error(error: BaseException, peer: str, timeout: timedelta) -> TransportError:
     """The message for a failed wait on `peer`: it exited or crashed (its connection closed), it stayed
     silent past the timeout, or something else (the original error)."""
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
     low = text.lower()
-    if any(mark in low for mark in _DEATH):
+    if peer_died(error):
         return TransportError(f"{peer} exited or crashed ({first[:200]}); its own log says why. A process "
                               "killed with SIGKILL, e.g. by the kernel's out-of-memory killer, prints nothing: "
                               "check torchrun's report of its exit code and the node's memory")

@@ -1,9 +1,9 @@
-"""Rows/s of data/recaption_parquets.py with tiny random models, batched vs one prompt per generate call.
+"""Rows/s of recaptioning (sd3.data.recaption) with tiny random models, batched vs one prompt per generate call.
 
     python tests/benchmarks/bench_recaption.py [--rows 128] [--batch-sizes 1 16] [--vlm-tokens 48]
 
 Builds a tiny LLaVA and a tiny Llama (tests/recaption_fixtures.py) and shards of real photos, then runs the
-whole task (read -> decode -> VLM -> filter -> LLM -> write) through the script's transformers classes once
+whole task (read -> decode -> VLM -> filter -> LLM -> write) through the package's transformers classes once
 per batch size, into a fresh output folder each time. The first batch size is the reference (batch 1 is how
 the system we rebuild ran its LLM). Model load time is reported apart from the captioning time.
 Tiny models say little about real 8B models on a GPU; they measure the pipeline's own overhead and how
@@ -18,9 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.recaption_fixtures
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # `import sd3` without an install
 
-from tests.recaption_fixtures import load_script, make_tiny_llm, make_tiny_vlm, write_shards
+from sd3.data import recaption as rc
+from tests.recaption_fixtures import make_tiny_llm, make_tiny_vlm, write_shards
 
 
 def main() -> None:
@@ -30,7 +32,6 @@ def main() -> None:
     p.add_argument("--vlm-tokens", type=int, default=48, help="max new tokens of the VLM")
     p.add_argument("--llm-tokens", type=int, default=24, help="max new tokens of the LLM")
     args = p.parse_args()
-    rc = load_script()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

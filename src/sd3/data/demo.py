@@ -12,9 +12,6 @@ and is safe when several processes race: each builds in a private temporary fold
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from sd3.atomic import build_atomically
 from sd3.data.index import build_index, default_index_path
 from sd3.data.phase import create_phase
 from sd3.data.schema import DataError
@@ -187,7 +185,7 @@ def ensure_demo_dataset(dataset_dir: str | Path = "data/demo/64", max_res: int =
                         f"--data {out}, or remove the folder to rebuild the demo")
     raw = out.parent / "raw"
     if not raw.is_dir():
-        _build_then_rename(raw, write_demo_raw)
+        build_atomically(raw, write_demo_raw, folder=True, replace=False)
 
     def build(tmp: Path) -> None:
         report = create_phase(raw, tmp, max_res=max_res, multiple=multiple, workers=1, progress=False)
@@ -195,23 +193,5 @@ def ensure_demo_dataset(dataset_dir: str | Path = "data/demo/64", max_res: int =
             raise DataError(f"demo dataset: create_phase failed:\n{report}")
         build_index(tmp, progress=False)
 
-    _build_then_rename(out, build)
+    build_atomically(out, build, folder=True, replace=False)  # a process that got there first wins
     return out
-
-
-def _build_then_rename(target: Path, build: Callable[[Path], object]) -> None:
-    """Build into a private temporary folder beside target, then rename it into place. If another
-    process got there first, keep theirs."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build(tmp)
-        try:
-            if target.is_dir() and not any(target.iterdir()):
-                target.rmdir()                                        # an empty folder is not a dataset
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():                                   # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -64,6 +64,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from sd3.atomic import atomic_write_bytes, publish, remove, stale_temporaries, temporary_sibling
 from sd3.data.images import ImageError, decode_rgb
 from sd3.data.schema import COLUMNS, DataError, image_bytes
 
@@ -498,6 +499,26 @@ class _ColumnarSource(Source):
                         "short_caption_column": self.short}
         self.missing_image = {u: s.names for u, s in schemas.items() if self.image not in s.names}
 
+    folder: Path
+    """The folder the units' names are relative to."""
+
+    def listing(self) -> str:
+        return "\n".join(f"{u}\t{(self.folder / u).stat().st_size}" for u in self.units)
+
+    def items(self, unit: int, index: int) -> Iterator[Item | UnitFailure]:
+        for u in range(unit, len(self.units)):
+            yield from self._file(u, index if u == unit else 0)
+
+    def _unit_failure(self, u: int, start: int) -> UnitFailure | None:
+        """Why unit u cannot be read at all (unreadable, or no image column), or None."""
+        name = self.units[u]
+        if u in self.errors:
+            return UnitFailure(u, start, name, self.errors[u])
+        if u in self.missing_image:
+            return UnitFailure(u, start, name, f"no column '{self.image}' (its columns: "
+                                               f"{', '.join(self.missing_image[u])})")
+        return None
+
     def _rows(self, u: int, batch: pa.RecordBatch, first: int, row_id: Callable[[int], Any],
               folder: Path) -> Iterator[Item]:
         """Items of one record batch; `first` is the unit-local index of its first row."""
@@ -552,6 +573,7 @@ class ParquetSource(_ColumnarSource):
             self.base = root
             self.units = sorted(_rel(here / n, root) for here, names in _walk(root, exclude)
                                 for n in names if n.endswith(".parquet"))
+        self.folder = self.base
         if not self.units:
             raise DataError(f"{root}: no .parquet files found; point --input at the folder of parquet files")
         self.metas: dict[int, pq.FileMetaData] = {}
@@ -564,21 +586,10 @@ class ParquetSource(_ColumnarSource):
         self._setup({u: m.schema.to_arrow_schema() for u, m in self.metas.items()}, opts, str(root))
         self.total = sum(m.num_rows for m in self.metas.values())
 
-    def listing(self) -> str:
-        return "\n".join(f"{u}\t{(self.base / u).stat().st_size}" for u in self.units)
-
-    def items(self, unit: int, index: int) -> Iterator[Item | UnitFailure]:
-        for u in range(unit, len(self.units)):
-            yield from self._file(u, index if u == unit else 0)
-
     def _file(self, u: int, start: int) -> Iterator[Item | UnitFailure]:
         name = self.units[u]
-        if u in self.errors:
-            yield UnitFailure(u, start, name, self.errors[u])
-            return
-        if u in self.missing_image:
-            yield UnitFailure(u, start, name, f"no column '{self.image}' (its columns: "
-                                              f"{', '.join(self.missing_image[u])})")
+        if failure := self._unit_failure(u, start):
+            yield failure
             return
         index = start
         try:
@@ -615,7 +626,7 @@ class HFSource(_ColumnarSource):
     kind = "hf"
 
     def __init__(self, root: Path, opts: ImportOptions, exclude: Path | None):
-        self.root = root
+        self.root = self.folder = root
         splits: list[tuple[str | None, Path]] = []
         if (root / "dataset_dict.json").is_file():
             try:
@@ -678,20 +689,10 @@ class HFSource(_ColumnarSource):
                     file.schema, (file.get_batch(i) for i in range(file.num_record_batches)))
             yield reader
 
-    def listing(self) -> str:
-        return "\n".join(f"{u}\t{(self.root / u).stat().st_size}" for u in self.units)
-
-    def items(self, unit: int, index: int) -> Iterator[Item | UnitFailure]:
-        for u in range(unit, len(self.units)):
-            yield from self._file(u, index if u == unit else 0)
-
     def _file(self, u: int, start: int) -> Iterator[Item | UnitFailure]:
         name = self.units[u]
-        if u in self.errors:
-            yield UnitFailure(u, start, name, self.errors[u])
-            return
-        if u in self.missing_image:
-            yield UnitFailure(u, start, name, f"no column '{self.image}'")
+        if failure := self._unit_failure(u, start):
+            yield failure
             return
         split = self.split_of[u]
         offset = sum(self.counts.get(v, 0) for v in range(u) if self.split_of[v] == split)
@@ -822,25 +823,6 @@ def shard_name(k: int) -> str:
     return f"{SHARD_PREFIX}{k:05d}.parquet"
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):                            # not every filesystem can
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class _ShardWriter:
     """Rows -> OUTPUT/part-NNNNN.parquet, one shard at a time, in row groups of bounded size, under a
     hidden name until closed (fsync, rename)."""
@@ -855,7 +837,7 @@ class _ShardWriter:
 
     def add(self, row: dict) -> None:
         if self.writer is None:
-            self.tmp = self.out_dir / f".{shard_name(self.shard)}.tmp-{os.getpid()}"
+            self.tmp = temporary_sibling(self.out_dir / shard_name(self.shard))
             # Image bytes are already compressed: snappy on them costs read time for nothing.
             codecs = {n: "none" if n == "image" else "snappy" for n in self.schema.names}
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression=codecs)
@@ -876,11 +858,8 @@ class _ShardWriter:
         self._flush()
         self.writer.add_key_value_metadata({FOOTER_KEY: json.dumps(footer)})
         self.writer.close()
-        with open(self.tmp, "rb+") as f:  # the rename must never publish a file whose bytes are not on disk
-            os.fsync(f.fileno())
         dst = self.out_dir / shard_name(self.shard)
-        os.replace(self.tmp, dst)
-        _fsync_dir(self.out_dir)
+        publish(self.tmp, dst)  # durable before the rename makes it visible
         self.writer, self.tmp, self.rows = None, None, 0
         self.shard += 1
         return dst
@@ -889,7 +868,7 @@ class _ShardWriter:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.close()
-            self.tmp.unlink(missing_ok=True)
+            remove(self.tmp)
             self.writer = None
 
 
@@ -1041,8 +1020,8 @@ def import_images(input_path: str | Path, output_dir: str | Path, opts: ImportOp
     resume = finished_shards(out_dir, expected)
     stats = resume.stats
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".{SHARD_PREFIX}*.tmp-*"):         # left by a killed run
-        stale.unlink(missing_ok=True)
+    for stale in stale_temporaries(out_dir, SHARD_PREFIX):          # left by a killed run
+        remove(stale)
 
     schema = output_schema(source)
     writer = _ShardWriter(out_dir, schema, resume.shards)
@@ -1101,6 +1080,6 @@ def import_images(input_path: str | Path, output_dir: str | Path, opts: ImportOp
                           seconds=time.perf_counter() - t0, columns=source.columns,
                           replaced_columns=list(getattr(source, "replaced", [])))
     summary = out_dir / SUMMARY_NAME
-    write_atomic(summary, json.dumps(report.to_json(), indent=2, default=str).encode())
+    atomic_write_bytes(summary, json.dumps(report.to_json(), indent=2, default=str).encode())
     report.summary_path = str(summary)
     return report

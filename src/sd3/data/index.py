@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from sd3.atomic import atomic_path
 from sd3.data.buckets import format_bucket, parse_bucket
 from sd3.data.schema import TRAIN_COLUMNS, DataError, check_schema
 
@@ -232,11 +232,9 @@ def build_index(data_dir: str | Path, out: str | Path | None = None, *, workers:
         "format": FORMAT, "version": str(VERSION), "shards": json.dumps(shards), "buckets": json.dumps(names),
         "skipped_rows": str(skipped), "skipped_examples": json.dumps(sorted(skipped_examples)[:10]),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file(arrays, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; every rank of a job may need to read it
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(arrays, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors creates it owner-only; every rank of a job may need to read it
     return IndexSummary(path=out, shards=len(shards), rows=indexed, skipped_rows=skipped,
                         buckets={n: int(c) for n, c in zip(names, counts[:invalid])},
                         groups_read=sum(s.groups_read for s in scanned), ignored_files=ignored,
@@ -350,11 +348,3 @@ def open_index(path: str | Path, data_dir: str | Path | None = None) -> BucketIn
     if data_dir is not None:
         index.check_folder(data_dir)
     return index
-
-
-def bucket_table(index: BucketIndex, keep: Sequence[int] | None = None) -> str:
-    """'64x64: 60, 64x48: 40, ...' (largest first) for logs."""
-    keep = range(len(index.buckets)) if keep is None else keep
-    counts = index.counts
-    return ", ".join(f"{index.bucket_names[k]}: {int(counts[k]):,}"
-                     for k in sorted(keep, key=lambda k: -counts[k]))

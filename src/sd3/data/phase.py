@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from sd3.atomic import publish, remove, stale_temporaries, temporary_sibling
 from sd3.data.buckets import format_bucket, snap_size
 from sd3.data.images import ImageError, open_rgb
 from sd3.data.index import list_shards
@@ -135,7 +135,7 @@ def process_shard(src: Path, dst: Path, opts: PhaseOptions) -> ShardReport:
         with contextlib.suppress(OSError, pa.ArrowException):
             report.rows_out = report.rows_in = pq.read_metadata(dst).num_rows
         return report
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(dst)
     try:
         pf = pq.ParquetFile(src)
         check_schema(pf.schema_arrow, PHASE_COLUMNS, where=str(src))
@@ -152,9 +152,9 @@ def process_shard(src: Path, dst: Path, opts: PhaseOptions) -> ShardReport:
                 _queue_by_bucket(table, pending, writer, opts.row_group_rows)
             for bucket in list(pending):
                 _flush(pending, bucket, writer, 0)
-        os.replace(tmp, dst)
+        publish(tmp, dst)
     except Exception as e:  # one shard must never stop the others; the report names it
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
         report.status, report.error = "failed", f"{type(e).__name__}: {e}"
     return report
 
@@ -240,8 +240,8 @@ def create_phase(input_dir: str | Path, output_dir: str | Path, *, max_res: int,
                         row_group_rows=row_group_rows)
     jobs = [(input_dir / s, output_dir / s, opts) for s in shards]
     for _, dst, _ in jobs:  # leftovers of an interrupted run (one create_phase per output folder at a time)
-        for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
-            stale.unlink(missing_ok=True)
+        for stale in stale_temporaries(dst.parent, dst.name):
+            remove(stale)
     total = 0
     for src, _, _ in jobs:
         with contextlib.suppress(OSError, pa.ArrowException):  # unreadable: reported when processed

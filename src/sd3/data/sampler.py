@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sd3 import salts
+from sd3.config.schema import SMALL_BUCKETS
 from sd3.data.schema import DataError
 
 # Salts keep the generators of different purposes apart for the same seed.
@@ -48,7 +49,7 @@ class BucketSampler:
                  names: Sequence[str] | None = None):
         if batch_size <= 0 or num_model_ranks <= 0:
             raise ValueError(f"batch_size={batch_size} and num_model_ranks={num_model_ranks} must be > 0")
-        if small_buckets not in ("drop", "fill"):
+        if small_buckets not in SMALL_BUCKETS:
             raise ValueError(f"small_buckets={small_buckets!r} is not 'drop' or 'fill'")
         self.bucket_rows = list(bucket_rows)
         self.batch_size, self.num_model_ranks, self.seed = batch_size, num_model_ranks, seed
@@ -106,9 +107,6 @@ class BucketSampler:
                 f"({repeats:,} repeats per epoch)")
 
     # -- the pure function ----------------------------------------------------------------------------
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def bucket_of(self, step: int) -> int:
         """The bucket (index into bucket_rows) every model rank trains on at this step."""
         order, _ = self._plan(self._check(step) // self.steps_per_epoch)

@@ -1,21 +1,13 @@
-"""Configuration: dataclasses, named presets, dotted command-line overrides, JSON round trip.
-
-Every field has a docstring (the string under it); `python src/train.py --help` prints them.
-A config is built in three steps, each of which fails loudly on a mistake:
-
-    cfg = preset("sd3_256")                                   # the seed's stage-1 values
-    cfg = apply_overrides(cfg, ["--train.lr=3e-4"])           # unknown keys name the closest valid ones
-    cfg.validate()                                            # cross-field checks, before any heavy work
-
-`to_dict` / `from_dict` round-trip exactly; a checkpoint carries its config as `config.json`.
+"""The config schema: one dataclass per section, every field with its docstring, the cross-field checks
+(`Config.validate`), the choice lists, and the exact JSON round trip (`to_dict` / `from_dict`) a
+checkpoint's `config.json` relies on. Presets live in `sd3.config.presets`, the command line in
+`sd3.config.cli`; `sd3.config` re-exports all of it.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import inspect
 import json
 import math
 import types
@@ -23,6 +15,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# The choices of each string field: the one place they are listed (modules that branch on them import them).
+MLP_TYPES = ("swiglu", "gelu")
+T_SAMPLINGS = ("logit_normal", "uniform")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("bf16", "fp32")
+EMA_DEVICES = ("model", "cpu")
+DEVICES = ("auto", "cuda", "cpu")
+SMALL_BUCKETS = ("drop", "fill")
+ENCODER_DTYPES = ("bfloat16", "float16", "float32")
+PROCESS_GROUP_BACKENDS = ("auto", "nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -244,6 +247,22 @@ class LogConfig:
     """wandb run name; '' uses the run directory's name."""
     wandb: bool = True
     """Log to wandb at all."""
+    eval_every: int = 0
+    """FID of the EMA weights on held-out rows every this many optimizer steps (0: never). Needs
+    data.val_rows >= eval_num and the Inception weights (eval_inception)."""
+    eval_num: int = 0
+    """Held-out rows (the first of data.val_rows) generated and scored per evaluation, split over the model
+    ranks."""
+    eval_steps: int = 30
+    """Sampler steps of each generated image (euler)."""
+    eval_cfg: float = 5.0
+    """Guidance scale of the generated images."""
+    eval_inception: str = ""
+    """FID Inception weights: a local file (weights-inception-2015-12-05-6726825d.pth, or .safetensors), ''
+    to fetch them once into the torch hub cache (needs network), or 'random' for smoke tests (figures not
+    comparable with published ones)."""
+    eval_clip: str = ""
+    """CLIP model (hub id or local directory) for the CLIP score of the generated images; '' for none."""
     peak_tflops: float = 989.0
     """Peak dense bf16 TFLOP/s of one model GPU, for MFU (989: H100 SXM)."""
 
@@ -276,18 +295,25 @@ class Config:
     def validate(self) -> Config:
         """Cross-field checks that must hold before any heavy work. Returns self."""
         m, e, f, t, d = self.model, self.encoders, self.flow, self.train, self.data
-        _choice("model.mlp_type", m.mlp_type, ("swiglu", "gelu"))
+        # inf or nan in any float is a typo, never a setting; checked first, as nan fails every comparison
+        # below with a message that misses the point ("train.lr=nan must be positive").
+        for key, (owner, spec) in field_paths(self).items():
+            value = getattr(owner, spec.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{key}={value} must be a finite number")
+        _choice("model.mlp_type", m.mlp_type, MLP_TYPES)
         from sd3.model.attention import BACKENDS
 
         _choice("model.attn_backend", m.attn_backend, BACKENDS)
-        _choice("flow.t_sampling", f.t_sampling, ("logit_normal", "uniform"))
-        _choice("train.schedule", t.schedule, ("constant", "cosine"))
-        _choice("train.precision", t.precision, ("bf16", "fp32"))
-        _choice("train.ema_device", t.ema_device, ("model", "cpu"))
-        _choice("train.device", t.device, ("auto", "cuda", "cpu"))
-        _choice("data.small_buckets", d.small_buckets, ("drop", "fill"))
-        _choice("encoders.dtype", e.dtype, ("bfloat16", "float16", "float32"))
-        _choice("ranks.backend", self.ranks.backend, ("auto", "nccl", "gloo"))
+        _choice("flow.t_sampling", f.t_sampling, T_SAMPLINGS)
+        _choice("train.schedule", t.schedule, SCHEDULES)
+        _choice("train.precision", t.precision, PRECISIONS)
+        _choice("train.ema_device", t.ema_device, EMA_DEVICES)
+        _choice("train.device", t.device, DEVICES)
+        _choice("data.small_buckets", d.small_buckets, SMALL_BUCKETS)
+        _choice("encoders.dtype", e.dtype, ENCODER_DTYPES)
+        _choice("ranks.backend", self.ranks.backend, PROCESS_GROUP_BACKENDS)
         if m.width % m.num_heads:
             raise ConfigError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
         head_dim = m.width // m.num_heads
@@ -333,11 +359,6 @@ class Config:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}={value} must be positive")
-        for key, (owner, spec) in field_paths(self).items():  # inf or nan in any float is a typo, never a setting
-            value = getattr(owner, spec.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ConfigError(f"{key}={value} must be a finite number")
         if t.min_lr < 0 or t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
         if t.eps <= 0 or t.weight_decay < 0 or not all(0 <= b < 1 for b in t.betas):
@@ -356,6 +377,12 @@ class Config:
                               f"{t.steps}: lower it, or set --model.mask_ratio=0")
         if d.val_rows < 0:
             raise ConfigError(f"data.val_rows={d.val_rows} must be >= 0")
+        lg = self.log
+        if lg.eval_every < 0 or lg.eval_steps < 1:
+            raise ConfigError(f"log.eval_every={lg.eval_every} must be >= 0 and log.eval_steps={lg.eval_steps} >= 1")
+        if lg.eval_every and not 2 <= lg.eval_num <= d.val_rows:
+            raise ConfigError(f"log.eval_every={lg.eval_every} evaluates log.eval_num={lg.eval_num} held-out rows "
+                              f"out of data.val_rows={d.val_rows}: set 2 <= --log.eval_num <= --data.val_rows")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
         if t.warmup < 0 or f.t_std <= 0 or f.t_shift <= 0:
@@ -369,71 +396,7 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Presets
-# --------------------------------------------------------------------------------------------------
-
-
-def _sd3(stage_res: int, batch_size: int, steps: int) -> Config:
-    """The seed's stages (SEED_NOTES): 19 blocks, width 64*19, 19 heads, SwiGLU 4.0, patch 2, lr 1e-4,
-    warmup 1000, accumulation 2, EMA 0.99 every 100 optimizer steps, 2 loaders feeding 3 model GPUs each
-    per 8-GPU node."""
-    cfg = Config()
-    cfg.preset = f"sd3_{stage_res}"
-    cfg.model.max_res = stage_res
-    cfg.model.max_res_orig = 256
-    cfg.data.batch_size = batch_size
-    cfg.data.dataset = f"data/cc12m_imagenet21k_{stage_res}"
-    cfg.train.steps = steps
-    cfg.run_dir = f"runs/sd3_{stage_res}"
-    return cfg
-
-
-def _tiny() -> Config:
-    """CPU demo: random-init stand-in encoders, the pixel autoencoder, the bundled demo photos."""
-    cfg = Config()
-    cfg.preset = "tiny"
-    cfg.model = ModelConfig(
-        in_channels=48, patch_size=2, depth=4, width=192, num_heads=3, mlp_ratio=4.0,
-        text_dims=(64, 48), pooled_dim=32, max_res=64, max_res_orig=64,
-    )
-    cfg.encoders = EncoderConfig(
-        vae="pixel", vae_subfolder="", pixel_factor=4,
-        text=("data/tiny_encoders/gemma", "data/tiny_encoders/bert"),
-        pooled="data/tiny_encoders/clip", max_tokens=77, create_tiny=True, dtype="float32",
-    )
-    cfg.data = DataConfig(
-        dataset="data/demo/64", batch_size=8, decode_workers=2, prefetch=2, create_demo=True, val_rows=16,
-        short_caption_prob=1.0, small_buckets="fill",
-    )
-    cfg.train = TrainConfig(
-        steps=500, lr=2e-3, schedule="cosine", warmup=50, accumulation_steps=1, ema_decay=0.99, ema_every=1,
-        precision="fp32", activation_checkpointing=False, weight_decay=0.0,
-    )
-    cfg.ranks = RankConfig(loaders_per_node=1, models_per_loader=2, timeout_s=120)
-    from sd3.data.demo import DEMO_PROMPTS  # the demo photos' short captions: samples to compare with them
-
-    cfg.log = LogConfig(every=25, save_every=250, keep_last=2, sample_every=250, val_every=100,
-                        sample_prompts=DEMO_PROMPTS, sample_steps=30, sample_cfg=5.0, wandb=False)
-    cfg.run_dir = "runs/tiny"
-    return cfg
-
-
-PRESETS = {
-    "tiny": _tiny,
-    "sd3_256": lambda: _sd3(256, 140, 300_000),
-    "sd3_512": lambda: _sd3(512, 40, 400_000),
-    "sd3_1024": lambda: _sd3(1024, 15, 100_000),
-}
-
-
-def preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-# --------------------------------------------------------------------------------------------------
-# Dotted overrides
+# Introspection and the JSON round trip
 # --------------------------------------------------------------------------------------------------
 
 
@@ -448,40 +411,6 @@ def field_paths(cfg: Any = None, prefix: str = "") -> dict[str, tuple[Any, datac
         else:
             out[prefix + f.name] = (cfg, f)
     return out
-
-
-def _parse_value(text: str, annotation: Any, key: str) -> Any:
-    """Parse a command-line string into the field's type: numbers, booleans, tuples, dicts, None."""
-    hints = _resolve(annotation)
-    origin = typing.get_origin(hints)
-    args = typing.get_args(hints)
-    if origin in (typing.Union, types.UnionType):
-        if text.strip().lower() in ("none", "null") and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _parse_value(text, inner, key)
-    if hints is bool:
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{key}={text!r}: expected true or false")
-    if hints is str:
-        return text
-    if hints in (int, float):
-        try:
-            number = float(text) if hints is float else int(text.replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"--{key}={text!r}: expected {hints.__name__}") from None
-        return number
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if origin is tuple and args and _resolve(args[0]) is str:
-            return tuple(s.strip() for s in text.split(",") if s.strip())
-        raise ConfigError(f"--{key}={text!r}: expected a Python literal of type {hints}") from None
-    return _coerce(value, hints, key)
 
 
 def _coerce(value: Any, hints: Any, key: str) -> Any:
@@ -537,41 +466,6 @@ def _field_type(owner: Any, f: dataclasses.Field) -> Any:
     return _TYPE_CACHE[cls][f.name]
 
 
-def set_value(cfg: Config, key: str, text: str) -> None:
-    """Set one dotted key from its command-line text; unknown keys name the closest valid ones."""
-    paths = field_paths(cfg)
-    if key not in paths:
-        close = difflib.get_close_matches(key, list(paths), n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else ""
-        raise ConfigError(f"unknown config key --{key}{hint} (--help lists every key)")
-    owner, f = paths[key]
-    setattr(owner, f.name, _parse_value(text, _field_type(owner, f), key))
-
-
-def apply_overrides(cfg: Config, args: list[str]) -> Config:
-    """Apply `--a.b=value` or `--a.b value` pairs in order."""
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --train.lr=3e-4")
-        if "=" in arg:
-            key, text = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
-            key, text = arg[2:], args[i + 1]
-            i += 2
-        set_value(cfg, key.replace("-", "_"), text)
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------------
-# JSON round trip and help
-# --------------------------------------------------------------------------------------------------
-
-
 def to_dict(cfg: Any) -> dict:
     out = dataclasses.asdict(cfg)
     # JSON keys must be strings: the rank map's int keys are restored by from_dict.
@@ -605,26 +499,4 @@ def save_json(cfg: Config, path: str | Path) -> None:
 def load_json(path: str | Path) -> Config:
     return from_dict(json.loads(Path(path).read_text()))
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def help_text(cfg: Config | None = None) -> str:
-    """Every key with its current value and docstring, grouped by section."""
-    cfg = Config() if cfg is None else cfg
-    lines = []
-    for key, (owner, f) in field_paths(cfg).items():
-        doc = field_docs(type(owner)).get(f.name, "")
-        lines.append(f"  --{key}={getattr(owner, f.name)!r}\n      {doc}")
-    return "\n".join(lines)
 
