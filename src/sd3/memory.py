@@ -135,13 +135,13 @@ def _mlp_hidden(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def block_terms(cfg: ModelConfig, *, batch: int, img_tokens: int, txt_tokens: int, nx: Numerics,
-                last: bool) -> list[Term]:
+                last: bool, image_only: bool = False) -> list[Term]:
     """What one `JointBlock` forward keeps for its backward (read off `JointBlock.forward`, in order).
 
     Per stream: the norm's input and output, the modulated input of the fused qkv projection; then the
     joint attention (q and k through QK-RMSNorm and RoPE, v, the kernel's output); then per stream again
     the projection's output, the second norm, the MLP. The last block has image queries only and no text
-    projection or MLP."""
+    projection or MLP. `image_only`: the patch-mixer's `ImageBlock` (call it with `txt_tokens=0`)."""
     D, H = cfg.width, cfg.num_heads
     Dh = D // H
     M, hidden_kept = _mlp_hidden(cfg)
@@ -182,7 +182,10 @@ def block_terms(cfg: ModelConfig, *, batch: int, img_tokens: int, txt_tokens: in
         Term("k RMSNorm output", n * D * nx.rms_out),
         Term("k RMSNorm rstd", n * H * 4),
         Term("k after RoPE (attention input)", n * D * mm),
-        Term("v (attention input)", n * D * mm),
+        # The joint block's v is a concatenation (a copy); an image-only block's is a view of the fused
+        # qkv output, which the attention then keeps whole.
+        Term("qkv output (v is a view of it)" if image_only else "v (attention input)", n * D * mm * (
+            3 if image_only else 1)),
         # `joint_rms_norm` keeps each stream's weight expanded over its tokens: keys, then queries.
         Term("RMSNorm weights over the sequence", (img_tokens + txt_tokens + nq // batch) * Dh * 4),
         # Queries (the last block: image only) through the same joint norm, which copies them first.
@@ -318,7 +321,8 @@ def activation_bytes(cfg: ModelConfig, *, batch: int, img_tokens: int, txt_token
     last = sum(t.bytes for t in block_terms(cfg, last=True, **kw))
     # The patch-mixer's blocks: inner blocks, without the text stream when they are image-only.
     mixer_kw = kw if cfg.mixer_joint else {**kw, "txt_tokens": 0}
-    mixer_block = sum(t.bytes for t in block_terms(cfg, last=False, **mixer_kw)) if cfg.mixer_depth else 0
+    mixer_block = sum(t.bytes for t in block_terms(cfg, last=False, image_only=not cfg.mixer_joint, **mixer_kw)
+                      ) if cfg.mixer_depth else 0
     embed = sum(t.bytes for t in embedder_terms(cfg, batch=batch, img_tokens=img_tokens, txt_tokens=tuple(txt_tokens),
                                                 nx=nx, text_arrives_as=text_arrives_as))
     head = sum(t.bytes for t in head_terms(cfg, batch=batch, img_tokens=img_tokens, nx=nx))
