@@ -170,6 +170,21 @@ def test_two_nodes_on_loopback(tiny_args, tmp_path):
     assert list_checkpoints(tmp_path / "run")[-1][0] == 3
 
 
+def test_patch_masking_trains_under_ddp_with_checkpointing_and_bf16(tiny_args, tmp_path):
+    """1 loader + 2 DDP model ranks, 75% patch masking behind a 1-block mixer, activation checkpointing, bf16:
+    every parameter gets a gradient on every rank (DDP would stop on an unused one), the last step unmasked."""
+    args = tiny_args(tmp_path / "run", "--steps", "4", "--model.mask_ratio=0.75", "--model.mixer_depth=1",
+                     "--train.unmasked_steps=1", "--train.activation_checkpointing=true", "--train.precision=bf16",
+                     "--encoders.dtype=bfloat16")
+    rc, out = run(args)
+    assert rc == 0, out[-3000:]
+    losses = [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([0-9.]+) \| mask", out, flags=re.M)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), out[-3000:]
+    assert re.findall(r"\| mask ([0-9.]+) \|", out) == ["0.75"] * 3 + ["0.00"]
+    assert "step 3: patch masking off, unmasked finetune for the last 1 steps" in out
+    assert any(k.startswith("mixer.0.") for k in weights(tmp_path / "run"))
+
+
 def test_in_training_evaluation_is_split_over_the_model_ranks(tiny_args, tmp_path):
     """Each model rank generates its share of the evaluation rows; the statistics are merged, so the
     figure covers all of them."""

@@ -23,9 +23,12 @@ import train  # noqa: E402  (src/train.py)
 
 BASE = ModelConfig(in_channels=4, patch_size=2, depth=3, width=64, num_heads=4, text_dims=(24, 16), pooled_dim=8,
                    max_res=32, max_res_orig=32)
-# (model, batch, latent side, text tokens per stream): SwiGLU, a wider two-block model with long text, GELU.
+# (model, batch, latent side, text tokens per stream): SwiGLU, a wider two-block model with long text, GELU,
+# patch-mixer blocks (joint, image-only).
 CONFIGS = {
     "swiglu": (BASE, 4, 32, (5, 7)),
+    "mixer": (dataclasses.replace(BASE, depth=2, mixer_depth=2), 4, 32, (5, 7)),
+    "image_mixer": (dataclasses.replace(BASE, depth=2, mixer_depth=2, mixer_joint=False), 4, 32, (5, 7)),
     "wide": (dataclasses.replace(BASE, width=128, num_heads=2, depth=2), 2, 64, (10, 20)),
     "gelu": (dataclasses.replace(BASE, mlp_type="gelu", depth=4), 3, 48, (8, 3)),
 }
@@ -98,7 +101,8 @@ def _measure_cpu(cfg: ModelConfig, batch: int, side: int, txt: tuple[int, ...], 
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["full", "checkpointed"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", ["swiglu", *(pytest.param(n, marks=pytest.mark.slow) for n in ("wide", "gelu"))])
+@pytest.mark.parametrize("name", ["swiglu", *(pytest.param(n, marks=pytest.mark.slow) for n in ("wide", "gelu", "mixer",
+                                                                                                  "image_mixer"))])
 def test_activation_formula_matches_a_measured_cpu_step(name, bf16, ckpt):
     cfg, batch, side, txt = CONFIGS[name]
     nx = memory.numerics("bf16" if bf16 else "fp32", "cpu")

@@ -1,8 +1,8 @@
 """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024 sec. 2-3).
 
 x0 is data, x1 is noise, xt = (1 - t) x0 + t x1 and the model predicts v = x1 - x0. Every random
-draw of a training step (t, noise, caption dropout) comes from one generator seeded by
-(seed, step, rank), so a resumed run redraws exactly what the straight run drew.
+draw of a training step (t, noise, caption dropout, the image tokens patch masking keeps) comes from a
+generator seeded by (seed, step, rank) and a salt, so a resumed run redraws exactly what the straight run drew.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from sd3 import salts
 from sd3.config import FlowConfig
+from sd3.model.mmdit import gather_tokens, patchify
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu", *,
@@ -89,6 +90,30 @@ def drop_conditions(cond: Cond, keep: Tensor) -> Cond:
     return Cond(text=text, text_mask=mask, pooled=pooled)
 
 
+def mask_ratio_at(step: int, *, ratio: float, steps: int, unmasked_steps: int) -> float:
+    """The patch-masking ratio of optimizer step `step` (0-based) of a `steps`-step run: `ratio`, then 0 for the
+    last `unmasked_steps` steps (MicroDiT's unmasked finetune)."""
+    return 0.0 if step >= steps - unmasked_steps else ratio
+
+
+def kept_count(img_tokens: int, ratio: float) -> int:
+    """Image tokens kept per sample: round(L_img (1 - ratio)), at least one. A Python int of the bucket's
+    shape, never of tensor values, so every step of a bucket has one static shape (compile, no host sync)."""
+    return max(1, round(img_tokens * (1 - ratio)))
+
+
+def draw_kept_tokens(*, seed: int, step: int, rank: int, batch_size: int, img_tokens: int, ratio: float,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """(B, L_kept) int64 on `device`: each sample's kept image tokens (indices into the row-major grid), a
+    uniform subset drawn independently per sample, in grid order. A pure function of (seed, step, rank).
+
+    The argsort of uniform noise is a uniform random permutation of static shape: no `nonzero` or boolean
+    indexing, so the device never makes the host wait."""
+    g = step_generator(seed, step, rank, device, salt=salts.PATCH_MASK)
+    order = torch.rand(batch_size, img_tokens, generator=g, device=device).argsort(dim=1)
+    return order[:, : kept_count(img_tokens, ratio)].sort(dim=1).values
+
+
 @dataclass
 class FlowLoss:
     loss: Tensor
@@ -100,11 +125,14 @@ class FlowLoss:
 
 
 def flow_loss(model, *, x0: Tensor, cond: Cond, cfg: FlowConfig, patch_size: int, generator: torch.Generator | None,
-              keep: Tensor | None = None, t: Tensor | None = None, x1: Tensor | None = None) -> FlowLoss:
+              keep: Tensor | None = None, t: Tensor | None = None, x1: Tensor | None = None,
+              kept_tokens: Tensor | None = None) -> FlowLoss:
     """The rectified-flow loss of one batch (minRF-style: draw t and noise, interpolate, regress v).
 
     `keep` applies caption dropout (`dropout_keep`); `t` and `x1` may be given (validation at fixed t
-    with fixed noise)."""
+    with fixed noise). `kept_tokens` (B, L_kept), patch masking (`draw_kept_tokens`): the model predicts
+    those image tokens only, and the loss is their mean squared error against the target patchified alike;
+    the dropped patches' targets never enter it."""
     B, device = x0.shape[0], x0.device
     x0 = x0.float()
     img_tokens = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
@@ -117,7 +145,9 @@ def flow_loss(model, *, x0: Tensor, cond: Cond, cfg: FlowConfig, patch_size: int
     xt = interpolate(x0, x1, t)
     v_target = x1 - x0
     v_pred = model(xt=xt, t=t, text=tuple(x.float() for x in cond.text), text_mask=cond.text_mask,
-                   pooled=cond.pooled.float())
-    per_sample = F.mse_loss(v_pred.float(), v_target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+                   pooled=cond.pooled.float(), kept_tokens=kept_tokens)
+    if kept_tokens is not None:
+        v_target = gather_tokens(patchify(v_target, patch_size), kept_tokens)                 # (B, L_kept, C p p)
+    per_sample = F.mse_loss(v_pred.float(), v_target, reduction="none").mean(dim=tuple(range(1, v_target.dim())))
     return FlowLoss(loss=per_sample.mean(), per_sample=per_sample.detach(), t=t)
 

@@ -20,7 +20,9 @@ Model GPU (one model rank; the first one also keeps the sample-grid model):
   block's inputs; the backward recomputes one block at a time, so the peak is the block inputs plus one
   block's activations and gradients. The sum assumes all of it coexists with the gradients, which holds
   from the second micro-batch of an accumulating step on (`train.accumulation_steps > 1`) and is an upper
-  bound otherwise. Eager mode: `torch.compile` fuses elementwise ops and keeps less.
+  bound otherwise. Eager mode: `torch.compile` fuses elementwise ops and keeps less. Patch-mixer blocks
+  count as blocks (image-only ones without the text stream); the figure is for an unmasked step (the
+  finetune of a patch-masked run, its peak): masked steps keep less.
 - **Allowance.** The CUDA context and the caching allocator's fragmentation are not tensors: a fixed
   `CONTEXT_GIB` plus `FRAGMENTATION` of everything else (rules of thumb, stated as such in the report).
 
@@ -133,13 +135,13 @@ def _mlp_hidden(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def block_terms(cfg: ModelConfig, *, batch: int, img_tokens: int, txt_tokens: int, nx: Numerics,
-                last: bool) -> list[Term]:
+                last: bool, image_only: bool = False) -> list[Term]:
     """What one `JointBlock` forward keeps for its backward (read off `JointBlock.forward`, in order).
 
     Per stream: the norm's input and output, the modulated input of the fused qkv projection; then the
     joint attention (q and k through QK-RMSNorm and RoPE, v, the kernel's output); then per stream again
     the projection's output, the second norm, the MLP. The last block has image queries only and no text
-    projection or MLP."""
+    projection or MLP. `image_only`: the patch-mixer's `ImageBlock` (call it with `txt_tokens=0`)."""
     D, H = cfg.width, cfg.num_heads
     Dh = D // H
     M, hidden_kept = _mlp_hidden(cfg)
@@ -180,7 +182,10 @@ def block_terms(cfg: ModelConfig, *, batch: int, img_tokens: int, txt_tokens: in
         Term("k RMSNorm output", n * D * nx.rms_out),
         Term("k RMSNorm rstd", n * H * 4),
         Term("k after RoPE (attention input)", n * D * mm),
-        Term("v (attention input)", n * D * mm),
+        # The joint block's v is a concatenation (a copy); an image-only block's is a view of the fused
+        # qkv output, which the attention then keeps whole.
+        Term("qkv output (v is a view of it)" if image_only else "v (attention input)", n * D * mm * (
+            3 if image_only else 1)),
         # `joint_rms_norm` keeps each stream's weight expanded over its tokens: keys, then queries.
         Term("RMSNorm weights over the sequence", (img_tokens + txt_tokens + nq // batch) * Dh * 4),
         # Queries (the last block: image only) through the same joint norm, which copies them first.
@@ -283,7 +288,8 @@ def linear_weight_elements(cfg: ModelConfig) -> tuple[int, int]:
 
     with torch.device("meta"):
         model = MMDiT(cfg)
-    blocks = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    blocks = sum(m.weight.numel() for blocks in (model.mixer, model.blocks) for m in blocks.modules()
+                 if isinstance(m, torch.nn.Linear))
     total = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return blocks, total - blocks
 
@@ -313,28 +319,35 @@ def activation_bytes(cfg: ModelConfig, *, batch: int, img_tokens: int, txt_token
     kw = dict(batch=batch, img_tokens=img_tokens, txt_tokens=Lt, nx=nx)
     inner = sum(t.bytes for t in block_terms(cfg, last=False, **kw))
     last = sum(t.bytes for t in block_terms(cfg, last=True, **kw))
+    # The patch-mixer's blocks: inner blocks, without the text stream when they are image-only.
+    mixer_kw = kw if cfg.mixer_joint else {**kw, "txt_tokens": 0}
+    mixer_block = sum(t.bytes for t in block_terms(cfg, last=False, image_only=not cfg.mixer_joint, **mixer_kw)
+                      ) if cfg.mixer_depth else 0
     embed = sum(t.bytes for t in embedder_terms(cfg, batch=batch, img_tokens=img_tokens, txt_tokens=tuple(txt_tokens),
                                                 nx=nx, text_arrives_as=text_arrives_as))
     head = sum(t.bytes for t in head_terms(cfg, batch=batch, img_tokens=img_tokens, nx=nx))
     work = sum(t.bytes for t in backward_terms(cfg, **kw))
     block_w, other_w = linear_weight_elements(cfg) if nx.weight_copies else (0, 0)
-    copies, block_copies = 2 * (block_w + other_w), 2 * block_w / cfg.depth
+    copies, block_copies = 2 * (block_w + other_w), 2 * block_w / (cfg.depth + cfg.mixer_depth)
     if not checkpointing:
-        blocks = (cfg.depth - 1) * inner + last
+        blocks = cfg.mixer_depth * mixer_block + (cfg.depth - 1) * inner + last
         kept = blocks + embed + head + copies
         peak = max(kept, kept - head + work)
         terms = [Term("blocks (all activations)", blocks), Term("embedders, final layer, loss", embed + head),
                  Term("bf16 weight copies", copies), Term("backward working set", peak - kept)]
         return Activations(kept=kept, peak=peak, terms=terms)
     boundary = boundary_bytes(cfg, **kw)
-    kept = cfg.depth * boundary + embed + head + 2 * other_w
+    mixer_boundary = boundary_bytes(cfg, **mixer_kw) if cfg.mixer_depth else 0
+    inputs = cfg.depth * boundary + cfg.mixer_depth * mixer_boundary
+    kept = inputs + embed + head + 2 * other_w
     # flow_loss's locals (x0 in fp32, the noise x1, xt) live until the forward returns.
     loss_locals = 3 * batch * img_tokens * cfg.in_channels * cfg.patch_size**2 * 4
-    forward = (cfg.depth * boundary + embed + copies + loss_locals
+    forward = (inputs + embed + copies + loss_locals
                + sum(t.bytes for t in forward_work_terms(cfg, last=True, **kw)))
-    backward = kept - head + block_copies + work + max(last, inner - boundary if cfg.depth > 1 else 0)
+    backward = kept - head + block_copies + work + max(last, inner - boundary if cfg.depth > 1 else 0,
+                                                        mixer_block - mixer_boundary)
     peak = max(kept, forward, backward)
-    terms = [Term(f"block inputs ({cfg.depth} blocks)", cfg.depth * boundary),
+    terms = [Term(f"block inputs ({cfg.depth + cfg.mixer_depth} blocks)", inputs),
              Term("embedders, final layer, loss", embed + head), Term("one block recomputed", max(last, inner)),
              Term("backward working set", work)]
     return Activations(kept=kept, peak=peak, terms=terms)

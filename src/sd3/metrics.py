@@ -112,6 +112,8 @@ def format_line(step: int, total: int, metrics: dict[str, float]) -> str:
     parts = [f"step {step}/{total}", f"loss {metrics['loss']:.4f}"]
     if "val/loss" in metrics:
         parts.append(f"val {metrics['val/loss']:.4f}")
+    if "mask_ratio" in metrics:
+        parts.append(f"mask {metrics['mask_ratio']:.2f}")
     parts += [f"lr {metrics['lr']:.2e}", f"gnorm {metrics['grad_norm']:.3f}",
               f"{metrics['images_per_s']:.1f} img/s", f"mfu {100 * metrics['mfu']:.2f}%",
               f"data wait {100 * metrics['data_wait']:.1f}%"]

@@ -16,11 +16,13 @@ from sd3.config import TrainConfig
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every block's activations in the backward pass (non-reentrant: exact gradients).
+    """Recompute every block's activations in the backward pass (non-reentrant: exact gradients), the
+    patch-mixer's blocks included.
 
     The wrapper keeps state_dict keys unchanged, so checkpoints do not depend on this setting."""
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    for blocks in (model.mixer, model.blocks):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -29,7 +31,7 @@ def apply_compile(model: nn.Module) -> None:
     `Module.compile` compiles in place: the module stays where it is, so parameter names and state_dict
     keys are those of the uncompiled model (wrapping it in `torch.compile(block)` would prefix every key
     with `_orig_mod.` and make the checkpoints unloadable without compile)."""
-    for block in model.blocks:
+    for block in (*model.mixer, *model.blocks):
         block.compile()
 
 

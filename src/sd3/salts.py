@@ -27,6 +27,8 @@ EVAL_NOISE = 0x5EED_0E02
 # Conditioning and latents
 CAPTION_DROPOUT = 0xD409
 """Per sample: which text streams and the pooled vector are nulled (the loader draws the same)."""
+PATCH_MASK = 0x3A5C
+"""Per sample: which image tokens the main blocks keep under patch masking (`model.mask_ratio`)."""
 POSTERIOR = 0x7A0
 """The autoencoder's posterior sample of each training image (per loader)."""
 HOLDOUT_POSTERIOR = 0x7A1

@@ -30,7 +30,7 @@ from sd3.batch import Batch
 from sd3.checkpoint import CheckpointWriter, load_tensors, load_train_state, load_weights
 from sd3.config import Config, FlowConfig, TrainConfig, to_dict
 from sd3.ema import EMA
-from sd3.flow import Cond, dropout_keep, flow_loss, shift_for, shift_t, step_generator
+from sd3.flow import Cond, draw_kept_tokens, dropout_keep, flow_loss, mask_ratio_at, shift_for, shift_t, step_generator
 from sd3.inference import generate_latents, make_grid, to_pil
 from sd3.metrics import Logger, TimeBins, format_line, log0, mfu, print0
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
@@ -73,6 +73,8 @@ class StepResult:
     flops: float
     skipped: Tensor
     """() bool on the device: the gradient was not finite and the update was skipped."""
+    mask_ratio: float = 0.0
+    """The patch-masking ratio this step trained with (`flow.mask_ratio_at`)."""
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -98,7 +100,9 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
     Gradients are synchronised only on the last micro-batch (DDP's no_sync before it). Every random
     draw comes from a generator of (seed, batch.step, rank), so the step is reproducible. Nothing here
     waits for the device: the loss, gradient norm and skip flag stay on it until a log step reads them."""
-    n = cfg.train.accumulation_steps
+    n, p = cfg.train.accumulation_steps, cfg.model.patch_size
+    ratio = mask_ratio_at(step, ratio=cfg.model.mask_ratio, steps=cfg.train.steps,
+                          unmasked_steps=cfg.train.unmasked_steps)
     losses, per_sample, ts = [], [], []
     samples, flops = 0, 0.0
     for i, batch in enumerate(itertools.islice(batches, n)):
@@ -107,18 +111,21 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         generator = step_generator(cfg.train.seed, batch.step, rank_index, device)
         keep = dropout_keep(cfg.flow, seed=cfg.train.seed, step=batch.step, rank=rank_index, batch_size=batch.size)
+        img_tokens = (batch.latents.shape[-2] // p) * (batch.latents.shape[-1] // p)
+        kept = None if not ratio else draw_kept_tokens(seed=cfg.train.seed, step=batch.step, rank=rank_index,
+                                                       batch_size=batch.size, img_tokens=img_tokens, ratio=ratio,
+                                                       device=device)
         with sync:
             with autocast_for(cfg.train.precision, device):
-                out = flow_loss(model, x0=batch.latents, cond=cond_of(batch), cfg=cfg.flow,
-                                patch_size=cfg.model.patch_size, generator=generator, keep=to_device(keep, device))
+                out = flow_loss(model, x0=batch.latents, cond=cond_of(batch), cfg=cfg.flow, patch_size=p,
+                                generator=generator, keep=to_device(keep, device), kept_tokens=kept)
             (out.loss / n).backward()
         losses.append(out.loss.detach())
         per_sample.append(out.per_sample)
         ts.append(out.t)
         samples += batch.size
-        p = cfg.model.patch_size
-        img_tokens = (batch.latents.shape[-2] // p) * (batch.latents.shape[-1] // p)
-        flops += batch.size * train_flops_per_sample(cfg.model, img_tokens, tuple(x.shape[1] for x in batch.text))
+        flops += batch.size * train_flops_per_sample(cfg.model, img_tokens, tuple(x.shape[1] for x in batch.text),
+                                                     kept_tokens=None if kept is None else kept.shape[1])
     if len(losses) < n:
         raise RuntimeError(f"the data ended inside optimizer step {step} ({len(losses)} of {n} micro-batches)")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -134,7 +141,7 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=torch.stack(losses).mean(), per_sample=torch.cat(per_sample), t=torch.cat(ts),
-                      grad_norm=grad_norm, lr=lr, samples=samples, flops=flops, skipped=skipped)
+                      grad_norm=grad_norm, lr=lr, samples=samples, flops=flops, skipped=skipped, mask_ratio=ratio)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -443,6 +450,7 @@ class Trainer:
         with tqdm(total=total, initial=self.state.step, desc="train", disable=not self.logging,
                   dynamic_ncols=True) as bar, self.peers_named():
             while self.state.step < total:
+                self.note_unmasking()
                 result = train_step(self.train_model, self.optimizer, batches, step=self.state.step, cfg=cfg,
                                     rank_index=self.rt.ranks.model_index(self.rt.rank), device=self.device,
                                     guard=self.guard)
@@ -522,6 +530,16 @@ class Trainer:
         print0(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {n} model rank(s), "
                f"steps {self.state.step} -> {cfg.train.steps}, {cfg.data.batch_size} x {n} x "
                f"{cfg.train.accumulation_steps} samples per optimizer step")
+        m, unmasked = cfg.model, cfg.train.unmasked_steps
+        if m.mask_ratio:
+            print0(f"patch masking: {m.mask_ratio:.0%} of the image tokens dropped after {m.mixer_depth} patch-mixer "
+                   f"block(s) until step {cfg.train.steps - unmasked}, then {unmasked} unmasked steps")
+
+    def note_unmasking(self) -> None:
+        """Say so when the unmasked finetune of a patch-masked run begins (before its first step)."""
+        unmasked, total = self.cfg.train.unmasked_steps, self.cfg.train.steps
+        if self.logging and self.cfg.model.mask_ratio and unmasked and self.state.step == total - unmasked:
+            tqdm.write(f"step {self.state.step}: patch masking off, unmasked finetune for the last {unmasked} steps")
 
     def log_window(self, result: StepResult, bar) -> None:
         counters = dataclasses.asdict(self.source.counters)
@@ -540,6 +558,8 @@ class Trainer:
             "bad_rows": float(counters["bad_rows"]),  # so far, replaced by this rank's loader
             **{k: v for k, v in totals.items() if k.startswith("loss_t/")},
         }
+        if self.cfg.model.mask_ratio:
+            self.metrics["mask_ratio"] = result.mask_ratio
         if self.device.type == "cuda":
             self.metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.logging:

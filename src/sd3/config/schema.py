@@ -70,6 +70,16 @@ class ModelConfig:
     512 stage started from a 256 checkpoint sees positions in the range it was trained on."""
     attn_backend: str = "auto"
     """'auto' (flash-attn, then xformers on CUDA when importable, else SDPA), 'sdpa', 'flash' or 'xformers'."""
+    mask_ratio: float = 0.0
+    """Patch masking in training (MicroDiT's deferred masking, arXiv 2407.15811, which uses 0.75): the share of
+    image tokens each sample drops after the patch-mixer; the main blocks and the loss see the rest. 0: off.
+    Validation, sampling and the last `train.unmasked_steps` steps see every token."""
+    mixer_depth: int = 0
+    """Patch-mixer blocks: they see every image token before the masking (and at inference, where they are
+    simply the first blocks). 0: none (masking then drops tokens straight after the patch embedding)."""
+    mixer_joint: bool = True
+    """Patch-mixer blocks are joint image/text blocks like the main ones (True), or image-only blocks that see
+    the caption only through the pooled vector (False)."""
 
 
 @dataclass
@@ -189,6 +199,9 @@ class TrainConfig:
     """Seeds the initial weights, the data order and every per-step random draw."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cuda' or 'cpu'."""
+    unmasked_steps: int = 0
+    """With model.mask_ratio > 0: the last this many optimizer steps train without masking (MicroDiT's
+    unmasked finetune, which closes most of the gap masking leaves)."""
 
 
 @dataclass
@@ -356,6 +369,12 @@ class Config:
                               f"{t.grad_spike_factor} >= 0 (0: off)")
         if m.rope_theta <= 0 or self.log.peak_tflops <= 0:
             raise ConfigError("model.rope_theta and log.peak_tflops must be positive")
+        if not 0.0 <= m.mask_ratio < 1.0 or m.mixer_depth < 0 or t.unmasked_steps < 0:
+            raise ConfigError(f"model.mask_ratio={m.mask_ratio} must be in [0, 1), model.mixer_depth={m.mixer_depth} "
+                              f"and train.unmasked_steps={t.unmasked_steps} >= 0")
+        if m.mask_ratio > 0 and t.unmasked_steps >= t.steps:
+            raise ConfigError(f"train.unmasked_steps={t.unmasked_steps} leaves no masked step of train.steps="
+                              f"{t.steps}: lower it, or set --model.mask_ratio=0")
         if d.val_rows < 0:
             raise ConfigError(f"data.val_rows={d.val_rows} must be >= 0")
         lg = self.log

@@ -4,6 +4,11 @@ Reads top-down: helpers, embedders, the joint block, the final layer, the model,
 parameter and FLOP counts). Shapes use one vocabulary: B batch, L_img image tokens, L_txt text
 tokens (all streams), L = L_img + L_txt, D width, H heads, Dh head width, C latent channels, p patch.
 
+Patch masking (MicroDiT's deferred masking, Sehwag et al. 2024, arXiv 2407.15811): `model.mixer_depth`
+patch-mixer blocks see every image token, then the main blocks see only the image tokens the caller keeps
+(`kept_tokens`, drawn by the trainer: the model draws nothing), each at its own RoPE2d position; text is never
+dropped. Without `kept_tokens` (inference, validation, the unmasked finetune) every token goes through.
+
 The model knows nothing of devices, parallelism, checkpointing or compilation: `sd3.parallel`
 applies those from outside.
 """
@@ -39,6 +44,12 @@ def unpatchify(x: Tensor, grid_h: int, grid_w: int, p: int) -> Tensor:
     C = cpp // (p * p)
     x = x.reshape(B, grid_h, grid_w, C, p, p)
     return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C, grid_h * p, grid_w * p)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, L, E) at per-sample token indices (B, L_kept) -> (B, L_kept, E): a gather of static shape (no
+    boolean indexing, whose size depends on values and makes the host wait for the device)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -245,11 +256,12 @@ class JointBlock(nn.Module):
 
     def joint_qkv(self, img_q, txt_q, img_k, txt_k, img_v, txt_v, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """QK-norm and RoPE over the joint sequence; q, k and v leave in one dtype, v's (the autocast
-        dtype under autocast), since the norms and rotations compute in fp32 (flux's QKNorm does the same)."""
+        dtype under autocast), since the norms and rotations compute in fp32 (flux's QKNorm does the same).
+        `pe`: rotations (L, Dh/2) shared by the batch, or (B, 1, L, Dh/2) per sample (masked training)."""
         v = torch.cat([img_v, txt_v], dim=2)                                              # (B, H, L, Dh)
         k = apply_rope(joint_rms_norm([img_k, txt_k], [self.img_attn.k_norm, self.txt_attn.k_norm]), pe)
         if self.last:  # image queries only
-            q = apply_rope(joint_rms_norm([img_q], [self.img_attn.q_norm]), pe[: img_q.shape[2]])  # (B, H, L_img, Dh)
+            q = apply_rope(joint_rms_norm([img_q], [self.img_attn.q_norm]), pe[..., : img_q.shape[2], :])
         else:
             q = apply_rope(joint_rms_norm([img_q, txt_q], [self.img_attn.q_norm, self.txt_attn.q_norm]), pe)
         return q.to(v.dtype), k.to(v.dtype), v
@@ -259,6 +271,29 @@ class JointBlock(nn.Module):
         """The gated residual updates of one stream: attention output, then the modulated MLP."""
         x = gated(x, mod1.gate, proj(attn_out))
         return gated(x, mod2.gate, mlp(mod2.apply(self.norm(x))))
+
+
+class ImageBlock(nn.Module):
+    """An image-only block: the joint block's image half (adaLN-Zero, QK-norm, RoPE2d, gated attention and
+    MLP updates) attending to image tokens only. The patch-mixer's block when `model.mixer_joint` is off; text
+    then reaches it only through the pooled vector in the modulation."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.width
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mod = Modulation(D, 2)
+        self.attn = StreamAttention(D, cfg.num_heads)
+        self.mlp = make_mlp(cfg.mlp_type, D, cfg.mlp_ratio)
+
+    def forward(self, *, img: Tensor, vec: Tensor, pe: Tensor, attn: JointAttention) -> Tensor:
+        mod1, mod2 = self.mod(vec)
+        q, k, v = self.attn.heads_of(mod1.apply(self.norm(img)))                        # (B, H, L_img, Dh)
+        q = apply_rope(joint_rms_norm([q], [self.attn.q_norm]), pe)
+        k = apply_rope(joint_rms_norm([k], [self.attn.k_norm]), pe)
+        out = attention(q.to(v.dtype), k.to(v.dtype), v, attn=attn)                      # (B, L_img, D)
+        img = gated(img, mod1.gate, self.attn.proj(out))
+        return gated(img, mod2.gate, self.mlp(mod2.apply(self.norm(img))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,6 +331,9 @@ class MMDiT(nn.Module):
         self.txt_in = nn.ModuleList(TextEmbedder(d, D, cfg.text_scale_init) for d in cfg.text_dims)
         self.time_in = TimestepEmbedder(D, cfg.time_scale_init)
         self.pooled_in = PooledEmbedder(cfg.pooled_dim, D)
+        # The patch-mixer (registered first: an empty one leaves the initialisation of the rest unchanged).
+        self.mixer = nn.ModuleList(JointBlock(cfg, last=False) if cfg.mixer_joint else ImageBlock(cfg)
+                                   for _ in range(cfg.mixer_depth))
         self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
         self.final = FinalLayer(D, C * p * p)
         self._rope_cache: dict[tuple, Tensor] = {}
@@ -309,8 +347,8 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.time_in.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_in.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            for mod in (block.img_mod, block.txt_mod):
+        for block in (*self.mixer, *self.blocks):
+            for mod in (block.img_mod, block.txt_mod) if isinstance(block, JointBlock) else (block.mod,):
                 nn.init.zeros_(mod.weight)
                 nn.init.zeros_(mod.bias)
         for layer in (self.final.mod, self.final.linear):
@@ -335,10 +373,15 @@ class MMDiT(nn.Module):
         return self._rope_cache[key]
 
     def forward(
-        self, *, xt: Tensor, t: Tensor, text: tuple[Tensor, ...], text_mask: tuple[Tensor, ...], pooled: Tensor
+        self, *, xt: Tensor, t: Tensor, text: tuple[Tensor, ...], text_mask: tuple[Tensor, ...], pooled: Tensor,
+        kept_tokens: Tensor | None = None,
     ) -> Tensor:
         """xt (B, C, h, w), t (B,) in [0, 1], text[i] (B, L_i, D_i), text_mask[i] (B, L_i) bool,
-        pooled (B, P) -> v_pred (B, C, h, w)."""
+        pooled (B, P) -> v_pred (B, C, h, w).
+
+        `kept_tokens` (B, L_kept) int64, training with patch masking only: indices into the row-major image
+        grid of the tokens the main blocks see once the patch-mixer has seen them all. The prediction is then
+        for those tokens, v_pred (B, L_kept, C p p) in their order (`patchify` the target alike)."""
         p = self.cfg.patch_size
         B, _, h, w = xt.shape
         grid_h, grid_w = h // p, w // p
@@ -347,13 +390,29 @@ class MMDiT(nn.Module):
         # SiLU once here instead of in every block's modulation (same function, one op per forward).
         vec = F.silu(self.time_in(t) + self.pooled_in(pooled))                      # (B, D)
         # Rotations for the joint sequence: the image grid's, then identity for text (not rotated).
-        pe = F.pad(self.rope(grid_h, grid_w, xt.device), (0, 0, 0, txt.shape[1]), value=1.0)  # (L, Dh/2)
-        attn = JointAttention.build(self.attn_backend(xt.device), img_len=img.shape[1], txt_masks=[
-            m.bool() for m in text_mask], batch=B, dtype=compute_dtype(xt.device, img.dtype), device=xt.device)
+        img_pe = self.rope(grid_h, grid_w, xt.device)                               # (L_img, Dh/2)
+        pe = F.pad(img_pe, (0, 0, 0, txt.shape[1]), value=1.0)                      # (L, Dh/2)
+        plan = dict(txt_masks=[m.bool() for m in text_mask], batch=B, dtype=compute_dtype(xt.device, img.dtype),
+                    device=xt.device)
+        backend = self.attn_backend(xt.device)
+        attn = JointAttention.build(backend, img_len=img.shape[1], **plan)
         txt = attn.arrange(txt)
+        for block in self.mixer:  # (the config says which kind: a wrapper from sd3.parallel hides the class)
+            if self.cfg.mixer_joint:
+                img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn=attn)
+            else:
+                img = block(img=img, vec=vec, pe=img_pe, attn=JointAttention(backend, None))
+        if kept_tokens is not None:
+            # Kept tokens keep their grid positions: each sample's rotations are gathered with its tokens.
+            img = gather_tokens(img, kept_tokens)                                   # (B, L_kept, D)
+            img_pe = torch.view_as_complex(gather_tokens(torch.view_as_real(img_pe).flatten(1).expand(B, -1, -1),
+                                                         kept_tokens).unflatten(-1, (-1, 2)))  # (B, L_kept, Dh/2)
+            pe = F.pad(img_pe, (0, 0, 0, txt.shape[1]), value=1.0)[:, None]         # (B, 1, L_kept + L_txt, Dh/2)
+            attn = JointAttention.build(backend, img_len=img.shape[1], **plan)     # same text order as `arrange`
         for block in self.blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn=attn)
-        return unpatchify(self.final(img, vec), grid_h, grid_w, p)                  # (B, C, h, w)
+        out = self.final(img, vec)                                                  # (B, L_img or L_kept, C p p)
+        return out if kept_tokens is not None else unpatchify(out, grid_h, grid_w, p)  # (B, C, h, w)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,31 +439,38 @@ def count_parameters(cfg: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_flops_per_sample(cfg: ModelConfig, img_tokens: int, txt_tokens: tuple[int, ...]) -> float:
+def train_flops_per_sample(cfg: ModelConfig, img_tokens: int, txt_tokens: tuple[int, ...], *,
+                           kept_tokens: int | None = None) -> float:
     """Matmul FLOPs of one training sample (forward + backward, no activation recomputation).
 
     Counts 2 m n k per matmul, as `torch.utils.flop_counter` does. The backward costs two matmuls per
     forward matmul (input and weight gradients), except where the input needs no gradient: the patch
-    embedding and the pooled embedding's first layer (data in) only compute weight gradients."""
+    embedding and the pooled embedding's first layer (data in) only compute weight gradients. With patch
+    masking (`kept_tokens` of the `img_tokens` image tokens reach the main blocks) the patch embedding and the
+    patch-mixer work on every image token, the main blocks and the final layer on the kept ones."""
     D, C, p, P = cfg.width, cfg.in_channels, cfg.patch_size, cfg.pooled_dim
     hidden = int(D * cfg.mlp_ratio)
     mlp_mults = 3 if cfg.mlp_type == "swiglu" else 2  # matmuls of D x hidden per token
-    L_img, L_txt = img_tokens, sum(txt_tokens)
-    L = L_img + L_txt
+    L_txt = sum(txt_tokens)
+    kept = img_tokens if kept_tokens is None else kept_tokens
 
     def linear(tokens: int, fan_in: int, fan_out: int) -> int:
         return 2 * tokens * fan_in * fan_out
 
-    data_in = linear(L_img, C * p * p, D) + linear(1, P, D)     # backward: weight gradient only
-    fwd = data_in + linear(1, D, D)                             # pooled MLP's second layer
+    def block(n_img: int, n_txt: int, *, last: bool = False, text: bool = True) -> int:
+        """A joint block's forward (`last`: image queries only), or an image-only one (`text=False`)."""
+        L, queries = n_img + n_txt, n_img if last else n_img + n_txt
+        flops = linear(1, D, 6 * D) + (linear(1, D, (2 if last else 6) * D) if text else 0)  # modulation
+        flops += linear(n_img, D, 3 * D) + linear(n_txt, D, (2 if last else 3) * D)         # q, k, v
+        flops += 2 * (2 * queries * L * D)                                                  # QK^T and AV
+        return flops + linear(queries, D, D) + mlp_mults * linear(queries, D, hidden)
+
+    data_in = linear(img_tokens, C * p * p, D) + linear(1, P, D)  # backward: weight gradient only
+    fwd = data_in + linear(1, D, D)                               # pooled MLP's second layer
     fwd += sum(linear(n, d, D) for n, d in zip(txt_tokens, cfg.text_dims))
     fwd += linear(1, TimestepEmbedder.freq_dim, D) + linear(1, D, D)
-    for i in range(cfg.depth):
-        last = i == cfg.depth - 1
-        queries = L_img if last else L                                      # the last block: image queries only
-        fwd += linear(1, D, 6 * D) + linear(1, D, (2 if last else 6) * D)   # modulation
-        fwd += linear(L_img, D, 3 * D) + linear(L_txt, D, (2 if last else 3) * D)  # q, k, v
-        fwd += 2 * (2 * queries * L * D)                                    # QK^T and AV
-        fwd += linear(queries, D, D) + mlp_mults * linear(queries, D, hidden)
-    fwd += linear(1, D, 2 * D) + linear(L_img, D, C * p * p)                  # final layer
+    joint = cfg.mixer_joint
+    fwd += cfg.mixer_depth * block(img_tokens, L_txt if joint else 0, text=joint)  # the patch-mixer: every token
+    fwd += sum(block(kept, L_txt, last=i == cfg.depth - 1) for i in range(cfg.depth))
+    fwd += linear(1, D, 2 * D) + linear(kept, D, C * p * p)                      # final layer
     return float(3 * fwd - data_in)
