@@ -5,7 +5,7 @@
 Per run (a `--preset tiny` run directory, demo data): its masking settings, the training FLOPs it spent (from
 its metrics.jsonl: every log window's FLOPs per sample, recovered from MFU and images/s, times its samples,
 so the token counts of the real batches are in it), the last fixed-t validation loss on the held-out rows,
-and the nearest-photo accuracy of tests/test_learning.py: the EMA weights sample every demo caption at
+and the nearest-photo accuracy of tests/demo_scoring.py: the EMA weights sample every demo caption at
 64 x 64 with `--seeds` seeds, and a sample counts when its nearest demo photo (pixel MSE at 8 x 8 to the
 closest crop of each photo's square bucket) is its own caption's. FID and KID come from src/evaluate.py
 (README, "Patch masking", has the commands). The first run is the reference of the compute ratio.
@@ -18,23 +18,19 @@ import json
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from test_learning import COMPARE, nearest_photo_accuracy  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from sd3.checkpoint import latest_checkpoint  # noqa: E402
 from sd3.data.demo import DEMO_CAPTIONS  # noqa: E402
-from sd3.data.images import decode_rgb  # noqa: E402
 from sd3.evaluation import pil_to_uint8  # noqa: E402
 from sd3.inference import Pipeline  # noqa: E402
 from sd3.metrics import read_history  # noqa: E402
 from sd3.paths import resolve  # noqa: E402
+from tests.demo_scoring import nearest_photo_accuracy, photo_crops  # noqa: E402
 
 RES = 64
 
@@ -50,16 +46,6 @@ def training_flops(run: Path, peak_tflops: float, images_per_step: int, per_rank
         total += record["mfu"] * peak_tflops * 1e12 * ranks / record["images_per_s"] * (images - last_images)
         last_images = images
     return total
-
-
-def photo_crops(dataset: Path) -> dict[str, torch.Tensor]:
-    """Every square crop of each demo photo, (n, 3, COMPARE, COMPARE) in [0, 1], by photo."""
-    crops: dict[str, list[torch.Tensor]] = {}
-    for shard in sorted(dataset.glob("*.parquet")):
-        for row in pq.read_table(shard, columns=["image", "class", "bucket_size"]).to_pylist():
-            if row["bucket_size"] == f"{RES}x{RES}":
-                crops.setdefault(row["class"], []).append(decode_rgb(row["image"]).float() / 255)
-    return {name: F.adaptive_avg_pool2d(torch.stack(c), COMPARE) for name, c in crops.items()}
 
 
 def main() -> None:
@@ -79,7 +65,8 @@ def main() -> None:
         m, t, d = cfg["model"], cfg["train"], cfg["data"]
         history = read_history(run)
         images_per_step = history[-1]["images"] // history[-1]["step"]
-        flops = training_flops(run, cfg["log"]["peak_tflops"], images_per_step, d["batch_size"] * t["accumulation_steps"])
+        per_rank = d["batch_size"] * t["accumulation_steps"]
+        flops = training_flops(run, cfg["log"]["peak_tflops"], images_per_step, per_rank)
         reference = reference or flops
         val = [(r["step"], r["val/loss"]) for r in history if "val/loss" in r]
         pipe = Pipeline.load(ckpt, device="cpu")
@@ -87,7 +74,7 @@ def main() -> None:
                                                                             steps=args.steps, cfg=args.cfg,
                                                                             seed=seed).images]
         accuracy = nearest_photo_accuracy(pil_to_uint8(samples).float() / 255, names * args.seeds,
-                                          photo_crops(resolve(d["dataset"])))
+                                          photo_crops(resolve(d["dataset"]), res=RES))
         print(f"{run.name}: mask {m['mask_ratio']} after {m['mixer_depth']} "
               f"{'joint' if m['mixer_joint'] else 'image-only'} mixer block(s), {t['steps']} steps "
               f"({t['unmasked_steps'] if m['mask_ratio'] else t['steps']} unmasked)")
