@@ -109,8 +109,9 @@ def test_2_a_loader_killed_like_the_oom_killer_fails_the_job_without_requeue(tin
         job.wait_for(r"step 3/4000")
         job.signal_rank(0, signal.SIGKILL)
         rc = job.finish(timeout=90)
-    assert rc != 0
-    assert "loader rank 0 exited or crashed" in job.text and "no message from loader rank 0" not in job.text
+    assert rc != 0, job.text[-3000:]
+    assert "loader rank 0 exited or crashed" in job.text and "no message from loader rank 0" not in job.text, \
+        job.text[-5000:]
     assert f"a rank failed (exit {rc}): not requeueing" in job.text
     assert re.search(r"reason \(.*FAILED\): rank [12] \(model\): TransportError: loader rank 0 exited or crashed",
                      job.text), job.text[-3000:]

@@ -17,6 +17,7 @@ from sd3.transport import (
     pack_end,
     pack_error,
     read_header,
+    receive,
     unpack,
     wire_bytes,
 )
@@ -139,6 +140,31 @@ def _silent_loader(rank, world):
 def test_a_silent_loader_times_out_with_a_clear_message():
     out = run_ranks(_silent_loader, 2)
     assert "no message from loader rank 0 within 1 s" in out[1][1]
+
+
+def _loader_gone_while_busy(rank, world):
+    """Rank 0 sends one batch and exits; rank 1 takes it, is busy for a second (a training step), then asks
+    for the next one, when the connection is already closed: gloo refuses to even post that receive."""
+    if rank == 0:
+        sender = Sender(group=None, max_in_flight=1, timeout_s=30)
+        sender.send(pack(make_batch(step=0)), 1)
+        sender.flush()
+        return "gone"
+    import time
+
+    first = receive(0, group=None, device=torch.device("cpu"), timeout=timedelta(seconds=30))
+    time.sleep(1.0)
+    try:
+        receive(0, group=None, device=torch.device("cpu"), timeout=timedelta(seconds=30))
+    except TransportError as error:
+        return first.kind, str(error)
+    return first.kind, "received a second message"
+
+
+def test_a_loader_that_exited_while_the_model_rank_was_busy_is_named():
+    out = run_ranks(_loader_gone_while_busy, 2)
+    kind, message = out[1][1]
+    assert kind == BATCH and message.startswith("loader rank 0 exited or crashed"), out
 
 
 def test_error_message_is_carried_verbatim():

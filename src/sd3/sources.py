@@ -169,9 +169,8 @@ class RemoteSource(BatchSource):
         The loader sends END once every rank it feeds is done. A rank that failed on its own gives up after
         `within` seconds: another model rank may be blocked in a collective with it (DDP's all-reduce), and
         is done only once this one has exited and broken it."""
-        work = dist.isend(torch.tensor([step]), self.src, group=self.ctrl_group)
-        try:
-            work.wait(self.timeout)
+        try:  # gloo refuses the send at once when the loader's connection is already closed
+            dist.isend(torch.tensor([step]), self.src, group=self.ctrl_group).wait(self.timeout)
         except Exception as error:
             raise peer_error(error, f"loader rank {self.src}", self.timeout) from error
         deadline = None if within is None else time.monotonic() + within

@@ -267,9 +267,8 @@ def peer_error(error: BaseException, peer: str, timeout: timedelta) -> Transport
 def receive(src: int, *, group, device: torch.device, timeout: timedelta) -> Message:
     """Receive one whole message from `src` (blocking, bounded by `timeout`)."""
     def recv(tensor: Tensor) -> Tensor:
-        work = dist.irecv(tensor, src, group=group)
-        try:
-            work.wait(timeout)
+        try:  # posting fails at once when the connection closed while this rank was busy elsewhere
+            dist.irecv(tensor, src, group=group).wait(timeout)
         except Exception as error:
             raise peer_error(error, f"loader rank {src}", timeout) from error
         return tensor
