@@ -297,13 +297,12 @@ def test_activation_checkpointing_and_compile_wrap_the_mixer_too(cfg, joint):
         model = perturbed(mixed(cfg, depth=2, joint=joint))
         keys = set(model.state_dict())
         if wrap:
-            parallelize(model, TrainConfig(activation_checkpointing=True, compile=True), group=None,
-                        device=torch.device("cpu"))
+            # aot_eager: the captured graph, without inductor's minutes of CPU code generation
+            parallelize(model, TrainConfig(activation_checkpointing=True, compile=True, compile_backend="aot_eager"),
+                        group=None, device=torch.device("cpu"))
             assert set(model.state_dict()) == keys
             assert all(type(b).__name__ == "CheckpointWrapper" and b._compiled_call_impl is not None
                        for b in (*model.mixer, *model.blocks))
-            for b in (*model.mixer, *model.blocks):  # aot_eager: the graph, not inductor's minutes of codegen
-                b.compile(backend="aot_eager")
         out = model(**x, kept_tokens=kept)
         out.square().mean().backward()
         results.append((out, {n.replace("_checkpoint_wrapped_module.", ""): p.grad

@@ -25,14 +25,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """Compile each block on its own (one graph reused by every block, short compile times).
 
     `Module.compile` compiles in place: the module stays where it is, so parameter names and state_dict
     keys are those of the uncompiled model (wrapping it in `torch.compile(block)` would prefix every key
     with `_orig_mod.` and make the checkpoints unloadable without compile)."""
     for block in (*model.mixer, *model.blocks):
-        block.compile()
+        block.compile(backend=backend)
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup | None,
@@ -43,7 +43,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup 
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
-        apply_compile(model)
+        apply_compile(model, cfg.compile_backend)
     if group is None or dist.get_world_size(group) == 1:
         return model
     return DistributedDataParallel(

@@ -26,6 +26,7 @@ DEVICES = ("auto", "cuda", "cpu")
 SMALL_BUCKETS = ("drop", "fill")
 ENCODER_DTYPES = ("bfloat16", "float16", "float32")
 PROCESS_GROUP_BACKENDS = ("auto", "nccl", "gloo")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 class ConfigError(ValueError):
@@ -194,7 +195,10 @@ class TrainConfig:
     activation_checkpointing: bool = True
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
     compile: bool = False
-    """torch.compile each block (applied from outside the model; off in tests)."""
+    """torch.compile each block (applied from outside the model)."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend: 'inductor' (generated kernels: the fast one), or, to tell a capture problem
+    from a code-generation one, 'aot_eager' (traced forward and backward, eager kernels) or 'eager'."""
     seed: int = 0
     """Seeds the initial weights, the data order and every per-step random draw."""
     device: str = "auto"
@@ -311,6 +315,7 @@ class Config:
         _choice("train.precision", t.precision, PRECISIONS)
         _choice("train.ema_device", t.ema_device, EMA_DEVICES)
         _choice("train.device", t.device, DEVICES)
+        _choice("train.compile_backend", t.compile_backend, COMPILE_BACKENDS)
         _choice("data.small_buckets", d.small_buckets, SMALL_BUCKETS)
         _choice("encoders.dtype", e.dtype, ENCODER_DTYPES)
         _choice("ranks.backend", self.ranks.backend, PROCESS_GROUP_BACKENDS)
