@@ -1,13 +1,13 @@
 """Resize a folder of raw parquet shards to one training resolution and bucket every row.
 
-    python data/create_phase.py --input data/raw --output data/cc12m_imagenet21k_256 --max-res 256 \\
+    .venv/bin/python data/create_phase.py --input data/raw --output data/cc12m_imagenet21k_256 --max-res 256 \\
         [--patch 16] [--workers N] [--format jpeg|png|webp] [--quality 95] [--upscale] [--row-group-rows 64]
 
 --patch is the bucket grid: latent factor x patch size (16 for the FLUX VAE /8 with patch 2; 8 for the
 tiny preset's pixel autoencoder /4 with patch 2). Bad images drop their row (counted in the report),
 never the shard; finished output shards are skipped on a rerun. Then index the output:
 
-    python src/create_indices.py --data data/cc12m_imagenet21k_256
+    .venv/bin/python src/create_indices.py --data data/cc12m_imagenet21k_256
 """
 
 from __future__ import annotations

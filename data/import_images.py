@@ -1,6 +1,7 @@
 """Import your own images and captions into raw parquet shards that data/create_phase.py accepts.
 
-    python data/import_images.py --input photos/ --output data/mine/raw [--kind folder|webdataset|parquet|hf] \\
+    .venv/bin/python data/import_images.py --input photos/ --output data/mine/raw \\
+        [--kind folder|webdataset|parquet|hf] \\
         [--rows-per-shard 10000] [--workers N] [--missing-caption drop|empty] [--phase-res 256 --patch 16]
 
 --input is a folder of images with caption files (photo.jpg + photo.txt, photo.caption or photo.json),
@@ -11,8 +12,8 @@ are skipped and counted; a killed run resumes where it stopped when rerun with t
 With --phase-res the create_phase step (into <res> beside OUTPUT, or --phase-output) and the bucket index
 follow, so one command yields a training set; otherwise run them next:
 
-    python data/create_phase.py --input data/mine/raw --output data/mine/256 --max-res 256 --patch 16
-    python src/create_indices.py --data data/mine/256
+    .venv/bin/python data/create_phase.py --input data/mine/raw --output data/mine/256 --max-res 256 --patch 16
+    .venv/bin/python src/create_indices.py --data data/mine/256
 
 Exit code: 0 done, 1 some input could not be read (listed), 2 bad arguments (the message names the fix).
 """

@@ -1,6 +1,6 @@
 """Build the small demo dataset from photos bundled with scikit-image and scikit-learn.
 
-    python data/make_demo_dataset.py --out data/demo [--max-res 64] [--multiple 8] [--force]
+    .venv/bin/python data/make_demo_dataset.py --out data/demo [--max-res 64] [--multiple 8] [--force]
 
 Writes DIR/raw/*.parquet (seed schema, full-size crops with hand-written captions), then runs
 create_phase into DIR/<max_res>/ and builds its bucket index there (DIR/<max_res>/bucket_index.safetensors).

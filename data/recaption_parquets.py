@@ -1,6 +1,6 @@
 """Recaption parquet shards: a VLM writes a detailed caption, a chat LLM distils it to one sentence.
 
-    python data/recaption_parquets.py --input raw/ --output recaptioned/ \\
+    .venv/bin/python data/recaption_parquets.py --input raw/ --output recaptioned/ \\
         --vlm llava-hf/llama3-llava-next-8b-hf --llm meta-llama/Meta-Llama-3-8B-Instruct \\
         --hint-column caption --num-shards 8 --shard-index 3
 

@@ -1,6 +1,6 @@
 """Build the bucket index of a folder of parquet shards (reads only the bucket column, never images).
 
-    python src/create_indices.py --data data/cc12m_imagenet21k_256 [--out FILE] [--workers N]
+    .venv/bin/python src/create_indices.py --data data/cc12m_imagenet21k_256 [--out FILE] [--workers N]
 
 The index (default `<data>/bucket_index.safetensors`) lists, per bucket, the global ids of its rows,
 plus every shard's name, row count and size, so a training run opened on a changed folder stops

@@ -1,6 +1,6 @@
 """Image quality of a checkpoint: FID, KID and CLIP score against held-out real images, per guidance scale.
 
-    python src/evaluate.py --ckpt runs/demo --data data/demo/64 --num 32 --steps 30 --cfg 1,3,5 \
+    .venv/bin/python src/evaluate.py --ckpt runs/demo --data data/demo/64 --num 32 --steps 30 --cfg 1,3,5 \
         --sampler euler --seed 0 --out eval/ [--inception-weights FILE|random] [--clip MODEL] [--batch 16]
 
 Draws `--num` rows of the dataset: by default from the rows the run held out of training

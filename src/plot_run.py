@@ -1,7 +1,7 @@
 """Plot the history of one or more runs (their metrics.jsonl) against the step, overlaid.
 
-    python src/plot_run.py runs/demo                          # writes runs/demo/metrics.png
-    python src/plot_run.py runs/a runs/b --out compare.png    # several runs, one colour each
+    .venv/bin/python src/plot_run.py runs/demo                          # writes runs/demo/metrics.png
+    .venv/bin/python src/plot_run.py runs/a runs/b --out compare.png    # several runs, one colour each
 
 Panels: training loss (and the validation loss, dashed), validation loss by t (one line per fixed
 t, coloured from small to large t), learning rate, and one panel per evaluation metric (any `eval/*` key, e.g.

@@ -1,9 +1,9 @@
 """Train an SD3-style MMDiT with rectified flow.
 
-    python src/train.py --preset tiny --run_dir runs/tiny --steps 600            # one process (CPU ok)
-    torchrun --standalone --nproc_per_node=3 src/train.py --preset tiny          # 1 loader + 2 model ranks
-    python src/train.py --preset sd3_256 --data.batch_size=120 --dry-run         # check a config
-    sbatch runjob_SLURM.sh                                                       # a cluster
+    .venv/bin/python src/train.py --preset tiny --run_dir runs/tiny             # one process (CPU ok)
+    .venv/bin/torchrun --standalone --nproc_per_node=3 src/train.py --preset tiny   # 1 loader + 2 model ranks
+    .venv/bin/python src/train.py --preset sd3_256 --data.batch_size=120 --dry-run  # check a config
+    sbatch runjob_SLURM.sh                                                         # a cluster
 
 Any config field can be overridden with a dotted flag (`--train.lr=3e-4`); `--help` lists them all.
 Under torchrun the rank map decides each process's role: loader ranks read, decode and encode;
@@ -28,7 +28,7 @@ from sd3 import stand_ins
 from sd3.checkpoint import CheckpointError, checkpoint_dir, find_checkpoint, write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
 from sd3.metrics import close_log, log_rank, open_log, print0, set_main
-from sd3.paths import REPO, resolve
+from sd3.paths import command, resolve, shown
 from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
 from sd3.trainer import FAILED, PREEMPTED, PeerFailed, RunResult
 
@@ -224,12 +224,6 @@ def write_failed(run_dir: Path, rt, error: BaseException) -> None:
             f.write(text + "\n")
 
 
-def shown(path: str | Path) -> str:
-    """A path as a command line from the current directory should give it: relative when inside it."""
-    path = Path(path).absolute()
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-
 def report(cfg, result) -> None:
     print0(f"\nfinished at step {result.step}" + (" (stopped early: rerun with --resume auto)"
                                                  if result.stopped_early else ""))
@@ -238,9 +232,7 @@ def report(cfg, result) -> None:
         print0(f"sample grid: {shown(result.sample_grid)}")
     print0(f"log:         {shown(resolve(cfg.run_dir) / 'train.log')}")
     prompt = cfg.log.sample_prompts[0] if cfg.log.sample_prompts else "a photograph"
-    # The interpreter running now (the venv's), so the command works as printed.
-    infer = shlex.quote(shown(REPO / "infer.py"))
-    print0(f"sample with: {shlex.quote(shown(sys.executable))} {infer} --ckpt {shlex.quote(shown(result.checkpoint))} "
+    print0(f"sample with: {command('infer.py')} --ckpt {shlex.quote(shown(result.checkpoint))} "
            f"--prompt {shlex.quote(prompt)} --width {cfg.model.max_res} --height {cfg.model.max_res} --out samples/")
 
 

@@ -154,8 +154,11 @@ def test_index_for_a_different_folder_is_detected(tmp_path):
 
 
 def test_not_an_index(tmp_path):
-    with pytest.raises(DataError, match=r"not found; build it with python src/create_indices\.py"):
+    """The command a message prints runs as printed: this interpreter, the script from where we stand."""
+    with pytest.raises(DataError, match=r"not found; build it with \S*python\S* \S*src/create_indices\.py") as info:
         BucketIndex(tmp_path / "missing.safetensors")
+    interpreter, script = str(info.value).split("build it with ")[1].split()[:2]
+    assert Path(interpreter).resolve() == Path(sys.executable).resolve() and Path(script).is_file()
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(DataError, match="is not a bucket index"):
         BucketIndex(tmp_path / "junk.safetensors")

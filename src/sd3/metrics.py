@@ -2,7 +2,7 @@
 
 Only the first model rank logs; the numbers it logs are averaged over every model rank by the
 trainer before they get here. Every `Logger.log` call also appends one line to
-`<run_dir>/metrics.jsonl` (`python src/plot_run.py RUN` plots it), wandb or not.
+`<run_dir>/metrics.jsonl` (`.venv/bin/python src/plot_run.py RUN` plots it), wandb or not.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ shell's, relative to the current directory, as usual.
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,3 +31,15 @@ def user_path(path: str | Path) -> Path:
     if path.is_absolute() or path.exists() or not (REPO / path).exists():
         return path
     return REPO / path
+
+
+def shown(path: str | Path) -> str:
+    """A path as a command typed in the current directory should give it: relative when inside it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def command(script: str) -> str:
+    """How to run one of the repository's scripts (`src/create_indices.py`) from here, with the interpreter
+    running now (the venv's), so a command a message prints works as printed."""
+    return f"{shlex.quote(shown(sys.executable))} {shlex.quote(shown(REPO / script))}"

@@ -1,6 +1,6 @@
 """Configuration: dataclasses, named presets, dotted command-line overrides, JSON round trip.
 
-Every field has a docstring (the string under it); `python src/train.py --help` prints them.
+Every field has a docstring (the string under it); `.venv/bin/python src/train.py --help` prints them.
 A config is built in three steps, each of which fails loudly on a mistake:
 
     cfg = preset("sd3_256")                                   # the seed's stage-1 values

@@ -24,6 +24,7 @@ from sd3.atomic import build_atomically
 from sd3.data.index import build_index, default_index_path
 from sd3.data.phase import create_phase
 from sd3.data.schema import DataError
+from sd3.paths import command
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -181,7 +182,7 @@ def ensure_demo_dataset(dataset_dir: str | Path = "data/demo/64", max_res: int =
     if default_index_path(out).is_file():
         return out
     if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists but has no bucket index: index it with python src/create_indices.py "
+        raise DataError(f"{out} exists but has no bucket index: index it with {command('src/create_indices.py')} "
                         f"--data {out}, or remove the folder to rebuild the demo")
     raw = out.parent / "raw"
     if not raw.is_dir():

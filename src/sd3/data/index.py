@@ -42,6 +42,10 @@ from tqdm import tqdm
 from sd3.atomic import atomic_path
 from sd3.data.buckets import format_bucket, parse_bucket
 from sd3.data.schema import TRAIN_COLUMNS, DataError, check_schema
+from sd3.paths import command
+
+INDEX_SCRIPT = "src/create_indices.py"
+"""The script that builds an index, as error messages print it (with the interpreter running now)."""
 
 INDEX_NAME = "bucket_index.safetensors"
 FORMAT = "sd3-bucket-index"
@@ -257,10 +261,10 @@ class BucketIndex:
         meta = header.get("__metadata__", {})
         if meta.get("format") != FORMAT:
             raise DataError(f"{self.path} is not a bucket index (format {meta.get('format')!r}); build one "
-                            "with python src/create_indices.py --data DIR --out FILE")
+                            f"with {command(INDEX_SCRIPT)} --data DIR --out FILE")
         if int(meta.get("version", -1)) != VERSION:
             raise DataError(f"{self.path}: index version {meta.get('version')} is not {VERSION}; rebuild it "
-                            "with python src/create_indices.py")
+                            f"with {command(INDEX_SCRIPT)}")
         arrays = {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -317,7 +321,7 @@ class BucketIndex:
                      for what, v in (("missing", missing), ("not indexed", new), ("changed size", changed))
                      if v]
             raise DataError(f"index {self.path} does not match the shards in {data_dir}: {'; '.join(parts)}. "
-                            f"Rebuild it: python src/create_indices.py --data {data_dir} --out {self.path}")
+                            f"Rebuild it: {command(INDEX_SCRIPT)} --data {data_dir} --out {self.path}")
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -326,19 +330,17 @@ def _read_header(path: Path) -> tuple[dict, int]:
     Read by hand (the format is 8 bytes of length + JSON) because safetensors' numpy loader copies
     every array into memory, and the row array must be memory-mapped instead."""
     if not path.is_file():
-        raise DataError(f"bucket index {path} not found; build it with "
-                        "python src/create_indices.py --data DATASET_DIR --out " + str(path))
+        raise DataError(f"bucket index {path} not found; build it with {command(INDEX_SCRIPT)} --data DATASET_DIR "
+                        f"--out {path}")
     with open(path, "rb") as f:
         raw = f.read(8)
         size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
         if not 2 <= size <= 100_000_000:
-            raise DataError(f"{path} is not a bucket index (bad header); rebuild it with "
-                            "python src/create_indices.py")
+            raise DataError(f"{path} is not a bucket index (bad header); rebuild it with {command(INDEX_SCRIPT)}")
         try:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path} is not a bucket index ({e}); rebuild it with "
-                            "python src/create_indices.py") from e
+            raise DataError(f"{path} is not a bucket index ({e}); rebuild it with {command(INDEX_SCRIPT)}") from e
     return header, 8 + size
 
 
