@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -47,8 +48,11 @@ def parse(argv: list[str] | None):
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
-        parser.print_help()
-        print("\nconfig fields (current preset values):\n" + help_text(preset(args.preset)))
+        try:
+            parser.print_help()
+            print("\nconfig fields (current preset values):\n" + help_text(preset(args.preset)), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted; no error at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     cfg = apply_overrides(preset(args.preset), overrides)
     if args.run_dir:
@@ -247,8 +251,6 @@ if __name__ == "__main__":
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
     except Exception as error:
-        import os
-
         log_rank(int(os.environ.get("RANK", "0")), "error", f"{type(error).__name__}: {error}")
         if type(error).__name__ in ERRORS_WITHOUT_TRACEBACK:  # the message says it all
             sys.exit(1)
