@@ -266,7 +266,7 @@ def test_open_errors_name_the_fix(tmp_path):
                       multiple=8)
     ds_dir = Path(shutil.copytree(demo_dataset(), tmp_path / "copy"))
     default_index_path(ds_dir).unlink()
-    with pytest.raises(DataError, match=r"not found; build it with python src/create_indices\.py"):
+    with pytest.raises(DataError, match=r"not found; build it with \S*python\S* \S*src/create_indices\.py"):
         BucketDataset(DataConfig(dataset=str(ds_dir)), seed=0, num_model_ranks=1, max_res=64, multiple=8)
     other = Path(shutil.copytree(demo_dataset(), tmp_path / "other"))
     (other / "demo-00.parquet").unlink()

@@ -277,12 +277,12 @@ def _(bench: Bench, chk: Check) -> None:
     loader_fails(chk, job, rc, r"DataError: data.dataset=.* is not a folder")
 
 
-@fault("data_missing_index", "'not found; build it with python src/create_indices.py'")
+@fault("data_missing_index", "'not found; build it with .venv/bin/python src/create_indices.py'")
 def _(bench: Bench, chk: Check) -> None:
     data = bench.dataset_copy("data_missing_index")
     (data / "bucket_index.safetensors").unlink()
     rc, job = bench.run(chk, bench.root / "data_missing_index" / "run", "--steps", "2", dataset=data)
-    loader_fails(chk, job, rc, r"DataError: .*not found; build it with python src/create_indices\.py")
+    loader_fails(chk, job, rc, r"DataError: .*not found; build it with \S*python\S* \S*src/create_indices\.py")
 
 
 @fault("data_shard_removed_after_indexing", "'does not match the shards ... 1 missing'")
