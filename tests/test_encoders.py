@@ -73,7 +73,7 @@ def test_shapes_widths_and_dtype(cfg, enc):
     for states, mask, width in zip(text, masks, enc.text_dims):
         assert states.shape == (*mask.shape, width) and states.shape[0] == len(CAPTIONS)
         assert mask.dtype == torch.bool
-        assert states.dtype == torch.float32  # cfg.encoders.dtype is bf16, but CPU always runs float32
+        assert states.dtype == torch.float32  # the tiny preset's encoders.dtype
     assert pooled.shape == (len(CAPTIONS), 32) and pooled.dtype == torch.float32
 
 
@@ -312,21 +312,27 @@ def test_tiny_config_pixel(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16(cfg, enc, ae):
-    gpu_enc, gpu_ae = load_text_encoders(cfg.encoders, "cuda"), load_autoencoder(cfg.encoders, "cuda")
-    assert cfg.encoders.dtype == "bfloat16"
-    text, masks, pooled = gpu_enc.encode(CAPTIONS)
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_bf16_encoders(cfg, enc, device):
+    """`encoders.dtype=bfloat16`, as a GPU loader runs them: states, pooled vector and latents in bf16 on the
+    device, padding still zero and masks unchanged, within bf16 tolerance of the float32 encoders. The CPU
+    run checks the same contract (dtypes, masks, values) that the CUDA one adds the device to."""
+    bf16 = dataclasses.replace(cfg.encoders, dtype="bfloat16")
+    dev_enc, dev_ae = load_text_encoders(bf16, device), load_autoencoder(bf16, device)
+    text, masks, pooled = dev_enc.encode(CAPTIONS)
     ref_text, ref_masks, ref_pooled = enc.encode(CAPTIONS)
     for states, mask, ref, ref_mask in zip(text, masks, ref_text, ref_masks):
-        assert states.dtype == torch.bfloat16 and states.is_cuda
+        assert states.dtype == torch.bfloat16 and states.device.type == device
         assert torch.equal(mask.cpu(), ref_mask) and torch.all(states[~mask] == 0)
         torch.testing.assert_close(states.float().cpu(), ref, atol=0.1, rtol=0.05)
-    assert pooled.dtype == torch.bfloat16
+    assert pooled.dtype == torch.bfloat16 and pooled.device.type == device
     torch.testing.assert_close(pooled.float().cpu(), ref_pooled, atol=0.1, rtol=0.05)
     images = _photo(64)
-    latents = gpu_ae.encode(images.cuda())
-    assert latents.dtype == torch.bfloat16 and latents.shape == (1, 16, 8, 8)
-    out = gpu_ae.decode(latents)
+    latents = dev_ae.encode(images.to(device))
+    assert latents.dtype == torch.bfloat16 and latents.shape == (1, 16, 8, 8) and latents.device.type == device
+    out = dev_ae.decode(latents)
     assert out.dtype == torch.float32 and out.shape == images.shape and out.abs().max() <= 1
