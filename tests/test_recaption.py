@@ -484,14 +484,21 @@ def test_cli_and_slurm_wrapper_run_end_to_end_with_tiny_models(tiny_models, tmp_
         assert json.loads((out / f"_summary_shard{i}of2.json").read_text())["reasons"] == {"decode_error": 1}
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_tiny_models_run_in_bf16_on_gpu(tiny_models):
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_tiny_models_run_in_bf16(tiny_models, device):
+    """The dtype a GPU run gets ('auto' on CUDA is bf16), on the CPU too: pixel values reach the bf16 VLM in
+    its dtype, generation works, a corrupt image is a counted reason and the rest get captions."""
     vlm_dir, llm_dir = tiny_models
     dtype = rc.resolve_dtype("auto", "cuda")
-    vlm = rc.HFDescriber(str(vlm_dir), device="cuda", dtype=dtype, max_new_tokens=8)
-    llm = rc.HFShortener(str(llm_dir), device="cuda", dtype=dtype, max_new_tokens=8)
+    assert dtype == torch.bfloat16 and rc.resolve_dtype("auto", "cpu") == torch.float32
+    vlm = rc.HFDescriber(str(vlm_dir), device=device, dtype=dtype, max_new_tokens=8)
+    llm = rc.HFShortener(str(llm_dir), device=device, dtype=dtype, max_new_tokens=8)
     assert vlm.model.dtype == torch.bfloat16 and llm.model.dtype == torch.bfloat16
+    assert vlm.model.device.type == device and llm.model.device.type == device
     table = seed_table(list(range(5)), corrupt=frozenset({1}))
     rows = rc.recaption_rows(table.column("image").to_pylist(), table.column("caption").to_pylist(), vlm=vlm,
                              llm=llm, prompts=rc.Prompts(),
