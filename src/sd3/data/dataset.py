@@ -48,6 +48,9 @@ MAX_CAPTION_CHARS = 4000
 caption would only cost tokenizer time."""
 REPLACE_ATTEMPTS = 16
 """Rows tried in turn to replace one bad row before the batch repeats one of its good samples."""
+DEVICE_DECODE = ("cuda",)
+"""Device types whose JPEGs `load` decodes on the device in one batched call (nvjpeg). Tests add 'cpu',
+where torchvision's batched decode runs the same path."""
 
 
 @dataclass
@@ -244,7 +247,7 @@ class BucketDataset:
         self._warn_shards(got.errors)
         stats["unreadable"] += int(got.failed.sum())
         datas = got.columns["image"]
-        use_gpu = device is not None and torch.device(device).type == "cuda" and self.cfg.gpu_decode
+        use_gpu = device is not None and torch.device(device).type in DEVICE_DECODE and self.cfg.gpu_decode
         images: list[Tensor | None] = [None] * len(rows)
         if use_gpu:
             on_gpu = [i for i, d in enumerate(datas) if gpu_decodable(d)]
