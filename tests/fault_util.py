@@ -297,3 +297,19 @@ def on_small_disk(cmd: list[str], *, disk: Path, options: str, copy_to: Path) ->
               '"$@"; rc=$?; cp -a "$disk/." "$copy/"; exit $rc')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", options, str(disk),
             str(copy_to), *cmd]
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage one checkpoint file as a crash or a bad disk would: 'truncate' (half of it), 'flip' (one byte
+    in the middle) or 'delete'."""
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    elif how == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "delete":
+        path.unlink()
+    else:
+        raise ValueError(f"damage: how={how!r} must be 'truncate', 'flip' or 'delete'")

@@ -25,6 +25,7 @@ from sd3.config import preset
 from sd3.ema import EMA
 from sd3.model.mmdit import MMDiT
 from sd3.optim import build_optimizer
+from tests.fault_util import damage
 
 
 @pytest.fixture
@@ -48,19 +49,6 @@ def run(tmp_path, small_model_cfg):
     return tmp_path, writer, save, model
 
 
-def damage(path, name, how):
-    target = path / name
-    if how == "truncate":
-        with open(target, "r+b") as f:
-            f.truncate(target.stat().st_size // 2)
-    elif how == "flip":
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        target.write_bytes(bytes(data))
-    elif how == "delete":
-        target.unlink()
-
-
 @pytest.mark.parametrize("name, how, message", [
     ("model.safetensors", "truncate", r"model\.safetensors is [\d,]+ bytes but was written with"),
     ("ema.safetensors", "flip", r"ema\.safetensors does not match the checksum"),
@@ -69,7 +57,7 @@ def damage(path, name, how):
 def test_resume_auto_walks_back_to_the_newest_checkpoint_that_verifies(run, name, how, message):
     run_dir, _, _, _ = run
     newest = list_checkpoints(run_dir)[-1][1]
-    damage(newest, name, how)
+    damage(newest / name, how)
     said = []
     assert find_checkpoint("auto", run_dir, log=said.append) == list_checkpoints(run_dir)[-2][1]
     assert len(said) == 1 and "skipping checkpoint step_00000030" in said[0]
@@ -82,7 +70,7 @@ def test_resume_auto_walks_back_to_the_newest_checkpoint_that_verifies(run, name
 def test_no_verified_checkpoint_is_an_error_not_a_fresh_start(run):
     run_dir, _, _, _ = run
     for _, path in list_checkpoints(run_dir):
-        damage(path, "model.safetensors", "truncate")
+        damage(path / "model.safetensors", "truncate")
     with pytest.raises(CheckpointError, match=r"no checkpoint of .* verifies \(3 found\)"):
         find_checkpoint("auto", run_dir, log=lambda _: None)
     assert find_checkpoint("auto", run_dir / "fresh") is None
@@ -92,7 +80,7 @@ def test_loading_a_damaged_file_names_it(run):
     run_dir, _, _, model = run
     path = list_checkpoints(run_dir)[-1][1]
     (path / "manifest.json").unlink()         # as a checkpoint from before manifests: sizes unknown
-    damage(path, "model.safetensors", "truncate")
+    damage(path / "model.safetensors", "truncate")
     with pytest.raises(CheckpointError, match=r"step_00000030: model\.safetensors does not load"):
         load_weights(path, model, ema=False)
 
@@ -128,12 +116,20 @@ def test_a_checkpoint_moved_aside_by_a_killed_resave_is_put_back(run):
     assert [s for s, _ in list_checkpoints(run_dir)] == [10, 20, 30, 40]
 
 
-@pytest.mark.parametrize("how", ["disk_usage", "ENOSPC"])
+@pytest.mark.parametrize("how", ["disk_usage", "ENOSPC", "safetensors"])
 def test_a_full_disk_says_so_and_leaves_nothing_partial(run, monkeypatch, how):
     run_dir, writer, save, _ = run
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     if how == "disk_usage":   # the check before writing
         monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    elif how == "safetensors":  # safetensors' own temporary file refused: its error carries the I/O error as text
+        from safetensors import SafetensorError
+
+        def refused(tensors, path, *a, **k):
+            raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error 28) at "
+                                  f"path \"{path}.tmp\"")
+
+        monkeypatch.setattr(checkpoint, "save_file", refused)
     else:                     # the disk fills while writing (torch.save hides ENOSPC in its zip writer)
         def full(obj, path, *a, **k):
             with open(path, "wb") as f:
@@ -161,7 +157,7 @@ def test_pruning_keeps_the_newest_verified_checkpoints(run):
     writer.keep_last = 2
     save(40)
     assert [s for s, _ in list_checkpoints(run_dir)] == [30, 40]
-    damage(list_checkpoints(run_dir)[-1][1], "model.safetensors", "truncate")
+    damage(list_checkpoints(run_dir)[-1][1] / "model.safetensors", "truncate")
     save(50)
     assert [s for s, _ in list_checkpoints(run_dir)] == [30, 40, 50]
     verify(list_checkpoints(run_dir)[0][1])

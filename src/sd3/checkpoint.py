@@ -185,9 +185,16 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded")
+"""How an I/O error reads when it arrives only as text (safetensors reports its Rust I/O errors in a
+SafetensorError: "... I/O error: No space left on device (os error 28) ...")."""
+
+
 def _is_no_space(error: BaseException) -> bool:
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if not isinstance(error, OSError) and any(text in str(error).lower() for text in _NO_SPACE_TEXT):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -45,6 +45,7 @@ from tests.fault_util import (  # noqa: E402
     Job,
     asset_args,
     build_assets,
+    damage,
     data_waits,
     hidden_files,
     inject,
@@ -443,18 +444,6 @@ def _(bench: Bench, chk: Check) -> None:
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
-
-
-def damage(path: Path, how: str) -> None:
-    if how == "truncate":
-        with open(path, "r+b") as f:
-            f.truncate(path.stat().st_size // 2)
-    elif how == "flip":
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-    else:
-        path.unlink()
 
 
 def walk_back(name: str, file: str, how: str, reason: str):
