@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from sd3 import stand_ins
-from sd3.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_config
+from sd3.checkpoint.read import CheckpointError, find_checkpoint, list_checkpoints, load_config
+from sd3.diffusion.sample import SAMPLERS
+from sd3.encode import stand_ins
 from sd3.paths import user_path
-from sd3.sample import SAMPLERS
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -70,7 +70,7 @@ def check(parser, args) -> Path:
     """Every refusal that needs no model: arguments, the checkpoint, the size, the prompts' lengths."""
     import torch
 
-    from sd3.encoders import prompt_warnings
+    from sd3.encode.encoders import prompt_warnings
     from sd3.model.mmdit import check_image_size
 
     if args.batch < 1:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, args = parse(argv)
     ckpt = check(parser, args)
 
-    from sd3.inference import Pipeline, make_grid, save_gif
+    from sd3.diffusion.pipeline import Pipeline, make_grid, save_gif
 
     pipe = Pipeline.load(ckpt, device=args.device, ema=not args.raw)
     prompts = [p for p in args.prompt for _ in range(args.batch)]

@@ -36,12 +36,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from sd3 import salts, stand_ins
-from sd3.checkpoint import CheckpointError, find_checkpoint, load_config
+from sd3 import salts
+from sd3.checkpoint.read import CheckpointError, find_checkpoint, load_config
 from sd3.config import ConfigError
 from sd3.data.sampler import generator
 from sd3.data.schema import DataError
-from sd3.evaluation import (
+from sd3.diffusion.sample import SAMPLERS
+from sd3.encode import stand_ins
+from sd3.eval.scores import (
     KID_SUBSET_SIZE,
     KID_SUBSETS,
     RANDOM,
@@ -54,7 +56,6 @@ from sd3.evaluation import (
     pil_to_uint8,
 )
 from sd3.paths import resolve, user_path
-from sd3.sample import SAMPLERS
 
 GRID_TILE = 128
 """Tiles of samples.png are scaled so that their long side is this many pixels (nearest neighbour)."""
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from sd3.evaluation import ClipScore, load_inception
-    from sd3.inference import Pipeline
+    from sd3.diffusion.pipeline import Pipeline
+    from sd3.eval.scores import ClipScore, load_inception
 
     if args.inception_weights == RANDOM:
         print(f"\n!!! {RANDOM_WARNING} !!!\n", flush=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sd3.metrics import HISTORY, read_history
+from sd3.train.metrics import HISTORY, read_history
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.distributed as dist
 
-from sd3 import stand_ins
-from sd3.checkpoint import CheckpointError, checkpoint_dir, find_checkpoint, write_marker
+from sd3.checkpoint.read import CheckpointError, checkpoint_dir, find_checkpoint
+from sd3.checkpoint.write import write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
-from sd3.metrics import close_log, log_rank, open_log, print0, set_main
+from sd3.console import close_log, log_rank, open_log, print0, set_main
+from sd3.dist.runtime import StopSignal, init_runtime, rank_map_from_env
+from sd3.encode import stand_ins
 from sd3.paths import command, resolve, shown
-from sd3.runtime import StopSignal, init_runtime, rank_map_from_env
-from sd3.trainer import FAILED, PREEMPTED, PeerFailed, RunResult
+from sd3.train.trainer import FAILED, PREEMPTED, PeerFailed, RunResult
 
 
 def parse(argv: list[str] | None):
@@ -69,8 +70,8 @@ def parse(argv: list[str] | None):
 
 
 def dry_run(cfg) -> None:
-    from sd3.memory import estimate, format_report
     from sd3.model.mmdit import count_parameters
+    from sd3.train.memory import estimate, format_report
 
     print(json.dumps(to_dict(cfg), indent=2))
     print(format_report(estimate(cfg, stand_in_configs=stand_ins.stand_in_configs)))
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if rt.role == "both":
             result = run_colocated(cfg, rt, stop, first, end, start, resume, init_from)
         elif rt.ranks.is_loader(rt.rank):
-            from sd3.loader import run_loader
+            from sd3.dist.loader import run_loader
 
             run_loader(cfg, rt, start_step=first, end_step=end)
         else:
@@ -164,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_colocated(cfg, rt, stop, first, end, start, resume, init_from) -> RunResult:
-    from sd3.loader import BatchProducer
-    from sd3.sources import LocalSource
-    from sd3.trainer import run_trainer
+    from sd3.dist.loader import BatchProducer
+    from sd3.dist.sources import LocalSource
+    from sd3.train.trainer import run_trainer
 
     producer = BatchProducer(cfg, device=rt.device, model_indices=[0], num_model_ranks=1)
     print0(producer.dataset.describe())
@@ -184,9 +185,9 @@ fails together (a failed checkpoint write stops them all) the END comes within a
 
 
 def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
-    from sd3.encoders import load_autoencoder
-    from sd3.sources import RemoteSource
-    from sd3.trainer import run_trainer
+    from sd3.dist.sources import RemoteSource
+    from sd3.encode.encoders import load_autoencoder
+    from sd3.train.trainer import run_trainer
 
     source = RemoteSource(rt.ranks.loader_of(rt.rank), ctrl_group=rt.ctrl_group, device=rt.device,
                           depth=cfg.data.prefetch, timeout_s=cfg.ranks.timeout_s)

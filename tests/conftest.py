@@ -32,7 +32,7 @@ def tiny_assets(tmp_path_factory):
     """The demo dataset and the stand-in encoders, built once per test session (a few seconds)."""
     from sd3.config import preset
     from sd3.data.demo import ensure_demo_dataset
-    from sd3.stand_ins import make_tiny_encoders
+    from sd3.encode.stand_ins import make_tiny_encoders
 
     root = tmp_path_factory.mktemp("tiny_assets")
     cfg = preset("tiny")

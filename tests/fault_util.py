@@ -42,7 +42,7 @@ def build_assets(root: Path) -> Path:
     sys.path.insert(0, str(ROOT / "src"))
     from sd3.config import preset
     from sd3.data.demo import ensure_demo_dataset
-    from sd3.stand_ins import make_tiny_encoders
+    from sd3.encode.stand_ins import make_tiny_encoders
 
     cfg = preset("tiny")
     ensure_demo_dataset(root / "demo" / "64", max_res=cfg.model.max_res, multiple=cfg.pixel_multiple)

@@ -14,7 +14,7 @@ With at least one CUDA GPU it runs, each step in its own process with a hard tim
    activation checkpointing and `--train.compile=true`, once per attention backend installed (SDPA
    always; flash-attn and xformers when they import, else named as not installed); from each run:
    images/s and MFU over the steady log windows (the first ones hold the compile), peak
-   `torch.cuda.max_memory_allocated` beside the eager estimate of `sd3.memory`, the loader's encode time
+   `torch.cuda.max_memory_allocated` beside the eager estimate of `sd3.train.memory`, the loader's encode time
    per sample, and whether every loss is finite and the losses fall;
 3. with 2 or more GPUs: the disaggregated mode over NCCL (`torchrun --nproc_per_node=2`, loader rank 0
    feeding model rank 1), then `--resume auto` to a few more steps.
@@ -152,7 +152,7 @@ def make_dataset(work: Path, s: Settings) -> Path:
 
 
 def make_encoders(work: Path, s: Settings) -> None:
-    from sd3.stand_ins import make_tiny_encoders
+    from sd3.encode.stand_ins import make_tiny_encoders
 
     cfg = train_config(work, s, "sdpa", work / "runs" / "unused")
     make_tiny_encoders(cfg.encoders, cfg.model)
@@ -549,7 +549,7 @@ def accept(work: Path, s: Settings, info: dict) -> int:
 
 
 def training_figures(backend: str, t: dict, work: Path, s: Settings, gpus: int) -> list[tuple[str, str]]:
-    from sd3.memory import estimate
+    from sd3.train.memory import estimate
 
     out = []
     metrics, result = t["model"].get("metrics", {}), t["model"]

@@ -11,20 +11,13 @@ import shutil
 import pytest
 import torch
 
-import sd3.checkpoint as checkpoint
-from sd3.checkpoint import (
-    CheckpointError,
-    CheckpointWriter,
-    NoSpaceError,
-    find_checkpoint,
-    list_checkpoints,
-    load_weights,
-    verify,
-)
+import sd3.checkpoint.write as checkpoint_write
+from sd3.checkpoint.read import CheckpointError, find_checkpoint, list_checkpoints, load_weights, verify
+from sd3.checkpoint.write import CheckpointWriter, NoSpaceError
 from sd3.config import preset
-from sd3.ema import EMA
 from sd3.model.mmdit import MMDiT
-from sd3.optim import build_optimizer
+from sd3.train.ema import EMA
+from sd3.train.optim import build_optimizer
 from tests.fault_util import damage
 
 
@@ -98,7 +91,8 @@ def test_stale_temporaries_of_killed_writers_are_removed_before_a_save(run):
 def test_a_resave_keeps_the_old_checkpoint_until_the_new_one_is_whole(run, monkeypatch):
     run_dir, writer, save, _ = run
     before = (list_checkpoints(run_dir)[-1][1] / "model.safetensors").read_bytes()
-    monkeypatch.setattr(checkpoint, "save_json", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    failing = lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error"))  # noqa: E731
+    monkeypatch.setattr(checkpoint_write, "save_json", failing)
     save(30, blocking=False)
     with pytest.raises(CheckpointError, match="I/O error"):
         writer.wait()
@@ -129,7 +123,7 @@ def test_a_full_disk_says_so_and_leaves_nothing_partial(run, monkeypatch, how):
             raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error 28) at "
                                   f"path \"{path}.tmp\"")
 
-        monkeypatch.setattr(checkpoint, "save_file", refused)
+        monkeypatch.setattr(checkpoint_write, "save_file", refused)
     else:                     # the disk fills while writing (torch.save hides ENOSPC in its zip writer)
         def full(obj, path, *a, **k):
             with open(path, "wb") as f:

@@ -63,7 +63,7 @@ def test_model_rank_slices_concatenate_and_are_deterministic():
 def test_caption_choice_follows_the_probability_with_fallback():
     long_only = open_demo(short_caption_prob=0.0)
     short_only = open_demo(short_caption_prob=1.0)
-    from sd3.data.demo import DEMO_CAPTIONS
+    from sd3.config.presets import DEMO_CAPTIONS
 
     longs = {v[0] for v in DEMO_CAPTIONS.values()}
     shorts = {v[1] for v in DEMO_CAPTIONS.values()}
@@ -277,8 +277,8 @@ def test_open_errors_name_the_fix(tmp_path):
 def test_create_demo_builds_a_missing_dataset_only_in_its_own_folder(tmp_path, monkeypatch):
     """The demo photos are built where the tiny preset keeps them, never at another missing path (a
     mistyped --data.dataset must fail, not train on the demo)."""
-    from sd3 import stand_ins
     from sd3.config import preset
+    from sd3.encode import stand_ins
 
     monkeypatch.setattr(stand_ins, "DEMO_DIR", str(tmp_path / "demo"))
     cfg = preset("tiny")

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sd3.data.demo import DEMO_CAPTIONS, DEMO_PROMPTS, ensure_demo_dataset
+from sd3.config.presets import DEMO_CAPTIONS, DEMO_PROMPTS
+from sd3.data.demo import ensure_demo_dataset
 from sd3.data.index import default_index_path, list_shards, open_index
 from sd3.data.schema import COLUMNS
 from tests.data_helpers import demo_dataset

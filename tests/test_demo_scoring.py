@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd3.data.demo import DEMO_CAPTIONS
+from sd3.config.presets import DEMO_CAPTIONS
 from tests.data_helpers import demo_dataset
 from tests.demo_scoring import nearest_photo_accuracy, photo_crops, score_samples
 

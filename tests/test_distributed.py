@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd3.checkpoint import list_checkpoints
+from sd3.checkpoint.read import list_checkpoints
 from tests.dist_util import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_a_loader_failing_mid_run_stops_its_model_ranks(tiny_args, tmp_path):
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import sd3.loader as loader\n"
+        "import sd3.dist.loader as loader\n"
         "original = loader.BatchProducer.next\n"
         "def next(self):\n"
         "    self.calls = getattr(self, 'calls', 0) + 1\n"

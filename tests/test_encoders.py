@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from sd3.config import ConfigError
-from sd3.encoders import (
+from sd3.encode.encoders import (
     KLAutoencoder,
     PixelAutoencoder,
     check_widths,
     load_autoencoder,
     load_text_encoders,
 )
-from sd3.stand_ins import _write_atomically, caption_corpus, make_tiny_encoders, tiny_config
+from sd3.encode.stand_ins import _write_atomically, caption_corpus, make_tiny_encoders, tiny_config
 
 CAPTIONS = ["a cat", "a photograph of an astronaut riding a horse on the moon, golden hour light", ""]
 
@@ -50,7 +50,7 @@ def ae(cfg):
 
 
 def _tokenizers(cfg):
-    """The saved tokenizers, loaded independently of sd3.encoders (the reference for masks)."""
+    """The saved tokenizers, loaded independently of sd3.encode.encoders (the reference for masks)."""
     from transformers import AutoTokenizer
 
     return [AutoTokenizer.from_pretrained(p) for p in (*cfg.encoders.text, cfg.encoders.pooled)]

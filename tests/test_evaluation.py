@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sd3.evaluation import (
+from sd3.eval.scores import (
     ClipScore,
     EvaluationError,
     FeatureStats,
@@ -28,7 +28,7 @@ from sd3.evaluation import (
     load_inception,
     mmd2_unbiased,
 )
-from sd3.metrics import History, read_history
+from sd3.train.metrics import History, read_history
 from tests.dist_util import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,7 +314,7 @@ def trained_run(tiny_assets, tmp_path_factory):
 
 
 def test_evaluate_end_to_end_with_random_inception_weights(trained_run, tiny_assets, tmp_path):
-    from sd3.checkpoint import latest_checkpoint, load_config
+    from sd3.checkpoint.read import latest_checkpoint, load_config
     from sd3.data.dataset import BucketDataset
 
     out = tmp_path / "eval"
@@ -366,14 +366,14 @@ def test_evaluate_one_scale_prints_plain_lines(trained_run, tiny_assets, tmp_pat
     (["--inception-weights", "missing.pth"], "missing.pth: no such file"),
 ])
 def test_evaluate_rejects_bad_input_before_loading_models(trained_run, tmp_path, monkeypatch, argv, message):
-    import sd3.evaluation
-    import sd3.inference
+    import sd3.diffusion.pipeline
+    import sd3.eval.scores
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(sd3.evaluation, "load_inception", loaded)
-    monkeypatch.setattr(sd3.inference.Pipeline, "load", loaded)
+    monkeypatch.setattr(sd3.eval.scores, "load_inception", loaded)
+    monkeypatch.setattr(sd3.diffusion.pipeline.Pipeline, "load", loaded)
     base = {"--ckpt": str(trained_run), "--num": "4", "--out": str(tmp_path), "--cfg": "1"}
     base.update(dict(zip(argv[::2], argv[1::2])))
     with pytest.raises(evaluate.UsageError, match=re.escape(message)):
@@ -401,7 +401,7 @@ def test_training_writes_metrics_jsonl(trained_run):
 def test_resumed_run_drops_the_history_past_its_checkpoint(trained_run, tiny_assets, tmp_path):
     import shutil
 
-    from sd3.checkpoint import list_checkpoints
+    from sd3.checkpoint.read import list_checkpoints
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sd3.checkpoint import verify
+from sd3.checkpoint.read import verify
 from tests.dist_util import free_port
 from tests.fault_util import (
     ROOT,
@@ -197,7 +197,7 @@ def test_5_a_signal_ends_every_rank_cleanly_with_a_whole_checkpoint(tiny_assets,
 
 SLOW_LOADER = """
 import time
-import sd3.loader as loader
+import sd3.dist.loader as loader
 original = loader.BatchProducer.next
 def next(self):
     time.sleep(0.15)        # a loader slower than its model ranks: they wait for data
@@ -208,7 +208,7 @@ loader.BatchProducer.next = next
 
 RAISE_ON_RANK_2 = """
 import os
-import sd3.trainer as trainer
+import sd3.train.trainer as trainer
 original = trainer.train_step
 def train_step(*a, step, **k):
     if step == 3 and os.environ.get("RANK") == "2":
@@ -269,8 +269,8 @@ def test_6_messages_name_the_dead_rank_the_empty_dataset_and_the_broken_rows(tin
 
 STAND_INS_HERE = """
 import os
-import sd3.stand_ins
-sd3.stand_ins.STAND_IN_DIR = os.environ["TEST_STAND_IN_DIR"]   # the repository's data/tiny_encoders, moved
+import sd3.encode.stand_ins
+sd3.encode.stand_ins.STAND_IN_DIR = os.environ["TEST_STAND_IN_DIR"]   # the repository's data/tiny_encoders, moved
 """
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sd3.config import FlowConfig
-from sd3.flow import (
+from sd3.diffusion.flow import (
     Cond,
     drop_conditions,
     dropout_keep,
@@ -14,8 +14,8 @@ from sd3.flow import (
     shift_t,
     step_generator,
 )
+from sd3.diffusion.sample import cat_cond, euler, euler_stochastic, guided, heun, null_cond, sample, schedule
 from sd3.model.mmdit import MMDiT
-from sd3.sample import cat_cond, euler, euler_stochastic, guided, heun, null_cond, sample, schedule
 
 
 def make_cond(B=4, lengths=(5, 3), dims=(6, 4), P=3, seed=0):

@@ -261,9 +261,9 @@ def test_forward_and_backward_have_no_host_sync(cfg, backend):
 
 
 def step_setup(cfg, *, accumulation=2, precision="bf16"):
-    from sd3.batch import Batch
     from sd3.config import preset
-    from sd3.optim import build_optimizer
+    from sd3.dist.batch import Batch
+    from sd3.train.optim import build_optimizer
 
     run = preset("tiny")
     run.model = dataclasses.replace(cfg, in_channels=4)
@@ -285,7 +285,7 @@ def step_setup(cfg, *, accumulation=2, precision="bf16"):
 def test_train_step_has_no_host_sync(cfg, backend):
     """A whole optimizer step (two micro-batches, clipping, the skip decision, AdamW) never waits for
     the device: the loss, gradient norm and skip flag stay on it."""
-    from sd3.trainer import train_step
+    from sd3.train.trainer import train_step
 
     run, model, optimizer, batch = step_setup(dataclasses.replace(cfg, attn_backend=backend))
     batches = iter([batch(0), batch(1)])
@@ -296,7 +296,7 @@ def test_train_step_has_no_host_sync(cfg, backend):
 
 
 def test_a_non_finite_gradient_skips_the_update_on_the_device(cfg):
-    from sd3.trainer import train_step
+    from sd3.train.trainer import train_step
 
     run, model, optimizer, batch = step_setup(cfg, accumulation=1, precision="fp32")
     train_step(model, optimizer, iter([batch(0)]), step=0, cfg=run, rank_index=0, device=torch.device("cpu"))
@@ -341,7 +341,7 @@ def test_checkpoint_keys_do_not_depend_on_wrappers(cfg):
     from torch.nn.parallel import DistributedDataParallel
 
     from sd3.config import TrainConfig
-    from sd3.parallel import parallelize
+    from sd3.dist.parallel import parallelize
 
     plain = set(MMDiT(cfg).state_dict())
     model = MMDiT(cfg)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from sd3.checkpoint import latest_checkpoint
-from sd3.data.demo import DEMO_CAPTIONS, ensure_demo_dataset
-from sd3.evaluation import pil_to_uint8
-from sd3.inference import Pipeline
-from sd3.metrics import read_history
+from sd3.checkpoint.read import latest_checkpoint
+from sd3.config.presets import DEMO_CAPTIONS
+from sd3.data.demo import ensure_demo_dataset
+from sd3.diffusion.pipeline import Pipeline
+from sd3.eval.scores import pil_to_uint8
+from sd3.train.metrics import read_history
 from tests.demo_scoring import nearest_photo_accuracy, photo_crops
 
 ROOT = Path(__file__).resolve().parents[1]

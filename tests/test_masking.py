@@ -23,9 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import sd3.model.mmdit as mmdit
-from sd3.checkpoint import list_checkpoints
+from sd3.checkpoint.read import list_checkpoints
 from sd3.config import ConfigError, FlowConfig, preset
-from sd3.flow import Cond, draw_kept_tokens, flow_loss, interpolate, kept_count, mask_ratio_at, step_generator
+from sd3.diffusion.flow import Cond, draw_kept_tokens, flow_loss, interpolate, kept_count, mask_ratio_at, step_generator
 from sd3.model.attention import JointAttention, attention, use_kernels
 from sd3.model.mmdit import MMDiT, apply_rope, compute_dtype, joint_rms_norm, patchify, unpatchify
 from sd3.model.rope import rope_frequencies
@@ -284,10 +284,10 @@ def test_masked_kernel_paths_equal_sdpa(cfg, backend, joint):
 
 @pytest.mark.parametrize("joint", [True, False])
 def test_activation_checkpointing_and_compile_wrap_the_mixer_too(cfg, joint):
-    """`sd3.parallel` wraps the mixer's blocks like the others: a masked step gives the same loss and gradients
+    """`sd3.dist.parallel` wraps the mixer's blocks like the others: a masked step gives the same loss and gradients
     with activation checkpointing (non-reentrant: exact) and compile on, and the checkpoint keys do not change."""
     from sd3.config import TrainConfig
-    from sd3.parallel import parallelize
+    from sd3.dist.parallel import parallelize
 
     x = inputs(cfg, h=6, w=12, real=CAPTIONS["padded"])
     kept = kept_of(x)
@@ -337,7 +337,7 @@ def test_masked_forward_and_backward_compile_as_one_graph(cfg, backend):
 def test_masked_train_step_has_no_host_sync(cfg, backend, joint):
     """A whole masked optimizer step (the draw of kept tokens on the device's generator, the gathers, the
     masked loss, clipping, AdamW) never makes the host wait for the device."""
-    from sd3.trainer import train_step
+    from sd3.train.trainer import train_step
 
     run, model, optimizer, batch = step_setup(mixed(dataclasses.replace(cfg, attn_backend=backend), joint=joint))
     assert len(model.mixer) == 1

@@ -1,4 +1,4 @@
-"""The memory estimate (`sd3.memory`, `train.py --dry-run`): exact state, an activation formula that
+"""The memory estimate (`sd3.train.memory`, `train.py --dry-run`): exact state, an activation formula that
 matches what a training step allocates, encoder sizes that match their configs."""
 
 import dataclasses
@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from sd3 import memory
 from sd3.config import FlowConfig, ModelConfig, preset
-from sd3.ema import EMA
-from sd3.flow import Cond, flow_loss
+from sd3.diffusion.flow import Cond, flow_loss
+from sd3.dist.parallel import apply_activation_checkpointing
 from sd3.model.mmdit import MMDiT
-from sd3.optim import build_optimizer
-from sd3.parallel import apply_activation_checkpointing
+from sd3.train import memory
+from sd3.train.ema import EMA
+from sd3.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -196,14 +196,14 @@ def test_encoder_constants_match_their_published_configs():
 def test_local_encoders_are_counted_from_their_configs(tmp_path):
     """A local directory is read; missing stand-ins are counted from the configs they would be written with;
     both equal the parameters the loader actually loads."""
-    from sd3.encoders import load_autoencoder, load_text_encoders
-    from sd3.stand_ins import tiny_config
+    from sd3.encode.encoders import load_autoencoder, load_text_encoders
+    from sd3.encode.stand_ins import tiny_config
 
     cfg = preset("tiny")
     cfg.encoders.text = (str(tmp_path / "gemma"), str(tmp_path / "bert"))
     cfg.encoders.pooled = str(tmp_path / "clip")
     cfg.encoders.vae, cfg.encoders.vae_subfolder, cfg.model.in_channels = str(tmp_path / "flux"), "vae", 16
-    from sd3.stand_ins import stand_in_configs
+    from sd3.encode.stand_ins import stand_in_configs
 
     before = memory.encoder_sizes(cfg.encoders, cfg.model, stand_in_configs=stand_in_configs)  # nothing on disk yet
     assert {size.source for _, size in before.values()} == {"stand-in"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sd3.config import ConfigError, RankConfig, apply_overrides, from_dict, preset, to_dict
-from sd3.rankmap import RankMap, RankMapError
+from sd3.dist.rankmap import RankMap, RankMapError
 
 # The original system: 8 GPUs per node, ranks 0-1 load, 2-7 train; the same map shifted by 8 per node.
 SEED_8 = {0: [2, 3, 4], 1: [5, 6, 7]}

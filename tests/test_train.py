@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sd3.checkpoint import list_checkpoints, load_train_state
+from sd3.checkpoint.read import list_checkpoints, load_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -252,12 +252,12 @@ def test_in_training_evaluation_logs_fid_and_clip_score(tiny_args, tmp_path, tin
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Refusals must come before any model loads."""
-    import sd3.inference
+    import sd3.diffusion.pipeline
 
     def refuse(*a, **k):
         raise AssertionError("Pipeline.load ran before the arguments were checked")
 
-    monkeypatch.setattr(sd3.inference.Pipeline, "load", refuse)
+    monkeypatch.setattr(sd3.diffusion.pipeline.Pipeline, "load", refuse)
 
 
 @pytest.mark.parametrize("args, message", [

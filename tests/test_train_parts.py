@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd3.checkpoint import (
+from sd3.checkpoint.read import (
     CheckpointError,
-    CheckpointWriter,
     find_checkpoint,
     latest_checkpoint,
     list_checkpoints,
@@ -17,11 +16,12 @@ from sd3.checkpoint import (
     load_train_state,
     load_weights,
 )
+from sd3.checkpoint.write import CheckpointWriter
 from sd3.config import TrainConfig, preset
-from sd3.ema import EMA
 from sd3.model.mmdit import MMDiT
-from sd3.optim import build_optimizer, lr_at, param_groups
-from sd3.trainer import validation_times
+from sd3.train.ema import EMA
+from sd3.train.optim import build_optimizer, lr_at, param_groups
+from sd3.train.trainer import validation_times
 
 
 def test_ema_update_rule_and_interval(small_model_cfg):
@@ -140,9 +140,9 @@ def test_validation_times_are_training_quantiles():
 def test_sample_grids_use_the_shift_training_used(monkeypatch, tmp_path, small_model_cfg):
     """In-training grids sample with the run's own schedule shift (fixed or resolution-dependent) and
     precision: what inference will use."""
-    import sd3.trainer as trainer
-    from sd3.batch import Batch
-    from sd3.encoders import PixelAutoencoder
+    import sd3.train.trainer as trainer
+    from sd3.dist.batch import Batch
+    from sd3.encode.encoders import PixelAutoencoder
 
     seen = {}
 

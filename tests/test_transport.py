@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sd3.batch import Batch
-from sd3.sources import RemoteSource
-from sd3.transport import (
+from sd3.dist.batch import Batch
+from sd3.dist.sources import RemoteSource
+from sd3.dist.transport import (
     BATCH,
     HEADER_LEN,
     LoaderFailed,
@@ -175,8 +175,8 @@ def test_error_message_is_carried_verbatim():
 
 def test_dropped_streams_are_not_sent_and_training_sees_the_same_thing():
     from sd3.config import FlowConfig
-    from sd3.flow import Cond, drop_conditions, dropout_keep
-    from sd3.loader import without_dropped
+    from sd3.diffusion.flow import Cond, drop_conditions, dropout_keep
+    from sd3.dist.loader import without_dropped
 
     batch = make_batch(B=4)
     cfg = FlowConfig(p_drop_text=(0.5, 0.5), p_drop_pooled=0.5, p_drop_all=0.2)

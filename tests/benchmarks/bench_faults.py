@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from sd3.checkpoint import CheckpointError, verify  # noqa: E402
+from sd3.checkpoint.read import CheckpointError, verify  # noqa: E402
 from tests.data_helpers import SEED_SCHEMA  # noqa: E402
 from tests.dist_util import free_port  # noqa: E402
 from tests.fault_util import (  # noqa: E402
@@ -361,7 +361,7 @@ def _(bench: Bench, chk: Check) -> None:
 
 SLOW_LOADER = """
 import time
-import sd3.loader as loader
+import sd3.dist.loader as loader
 original = loader.BatchProducer.next
 def next(self):
     time.sleep(0.15)
@@ -389,8 +389,8 @@ def _(bench: Bench, chk: Check) -> None:
 
 STAND_INS_HERE = """
 import os
-import sd3.stand_ins
-sd3.stand_ins.STAND_IN_DIR = os.environ["BENCH_STAND_IN_DIR"]   # the repository's data/tiny_encoders, moved
+import sd3.encode.stand_ins
+sd3.encode.stand_ins.STAND_IN_DIR = os.environ["BENCH_STAND_IN_DIR"]   # the repository's data/tiny_encoders, moved
 """
 
 
@@ -578,7 +578,7 @@ def _(bench: Bench, chk: Check) -> None:
 @fault("model_rank_raises", "exit != 0, its error in FAILED, the others stop, no PREEMPTED")
 def _(bench: Bench, chk: Check) -> None:
     base = bench.dir("model_rank_raises")
-    code = ("import os\nimport sd3.trainer as trainer\noriginal = trainer.train_step\n"
+    code = ("import os\nimport sd3.train.trainer as trainer\noriginal = trainer.train_step\n"
             "def train_step(*a, step, **k):\n"
             "    if step == 5 and os.environ.get('RANK') == '2':\n"
             "        print('raising the injected failure', flush=True)\n"
@@ -637,7 +637,7 @@ def _(bench: Bench, chk: Check) -> None:
 @fault("loader_raises", "the model ranks stop with the loader's message, exit != 0")
 def _(bench: Bench, chk: Check) -> None:
     base = bench.dir("loader_raises")
-    code = ("import sd3.loader as loader\noriginal = loader.BatchProducer.next\n"
+    code = ("import sd3.dist.loader as loader\noriginal = loader.BatchProducer.next\n"
             "def next(self):\n    self.calls = getattr(self, 'calls', 0) + 1\n"
             "    if self.calls > 5:\n        raise RuntimeError('disk vanished under the loader')\n"
             "    return original(self)\nloader.BatchProducer.next = next\n")
@@ -650,7 +650,7 @@ def _(bench: Bench, chk: Check) -> None:
 @fault("loader_hangs", "after --ranks.timeout_s=10: 'no message from loader rank 0 within 10 s', exit != 0")
 def _(bench: Bench, chk: Check) -> None:
     base = bench.dir("loader_hangs")
-    code = ("import time\nimport sd3.loader as loader\noriginal = loader.BatchProducer.next\n"
+    code = ("import time\nimport sd3.dist.loader as loader\noriginal = loader.BatchProducer.next\n"
             "def next(self):\n    self.calls = getattr(self, 'calls', 0) + 1\n"
             "    if self.calls > 5:\n        time.sleep(3600)\n"
             "    return original(self)\nloader.BatchProducer.next = next\n")
@@ -789,7 +789,7 @@ def _(bench: Bench, chk: Check) -> None:
 
 SLOW_SAVE = """
 import time
-import sd3.checkpoint as checkpoint
+import sd3.checkpoint.write as checkpoint
 original = checkpoint.save_file
 def save_file(*a, **k):
     time.sleep(1.5)              # a slow filesystem: each weights file takes 1.5 s more

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from sd3.config import FlowConfig, ModelConfig
-from sd3.flow import Cond, draw_kept_tokens, flow_loss, kept_count, step_generator
+from sd3.diffusion.flow import Cond, draw_kept_tokens, flow_loss, kept_count, step_generator
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
 
 RATIOS = (0.0, 0.5, 0.75)

@@ -10,7 +10,7 @@
 
 (b) Bytes on the wire per sample at the seed's stage-1 shapes (256 px buckets -> 16 x 32 x 32 latents,
     Gemma-2-2B 2304 + ModernBERT-large 1024 token states, MetaCLIP 768 pooled, all bf16), packed by
-    the real `sd3.transport.pack`, against the seed's fixed format (every caption as 154 x 2304 bf16 +
+    the real `sd3.dist.transport.pack`, against the seed's fixed format (every caption as 154 x 2304 bf16 +
     latents padded to the largest bucket + pooled). Caption lengths follow the seed's data: each
     sample trains on its detailed recaption (VLM, 60-150 words, so nearly always cut at 77 tokens) or
     its one-sentence short caption (10-40 words), 50/50; ~1.3 Gemma tokens per English word.
@@ -35,11 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sd3.batch import Batch  # noqa: E402
 from sd3.config import FlowConfig  # noqa: E402
-from sd3.flow import dropout_keep  # noqa: E402
-from sd3.loader import without_dropped  # noqa: E402
-from sd3.transport import pack, wire_bytes  # noqa: E402
+from sd3.diffusion.flow import dropout_keep  # noqa: E402
+from sd3.dist.batch import Batch  # noqa: E402
+from sd3.dist.loader import without_dropped  # noqa: E402
+from sd3.dist.transport import pack, wire_bytes  # noqa: E402
 
 SEED_TEXT = (154, 2304)          # the seed's concatenated, zero-padded text per sample
 WIDTHS = (2304, 1024)            # Gemma-2-2B, ModernBERT-large

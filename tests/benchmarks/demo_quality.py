@@ -3,7 +3,7 @@
     python tests/benchmarks/demo_quality.py --ckpt runs/demo [--steps S] [--cfg G] [--sampler euler]
         [--shift S] [--seeds 0,1,2] [--captions auto|short|long] [--compare 16] [--grid out.png] [--raw]
 
-Loads the run's EMA weights (`--raw`: the trained ones) through `sd3.inference.Pipeline`, samples every
+Loads the run's EMA weights (`--raw`: the trained ones) through `sd3.diffusion.pipeline.Pipeline`, samples every
 caption of `sd3.data.demo.DEMO_CAPTIONS` at the model's `max_res` square, once per seed, and scores each
 sample against every square crop of every demo photo (`tests/demo_scoring.py`): whether its nearest photo
 (pixel MSE, both pooled to `--compare` x `--compare`) is its own, its PSNR to its own photo's closest crop
@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from sd3 import stand_ins  # noqa: E402
-from sd3.checkpoint import find_checkpoint, load_config  # noqa: E402
-from sd3.data.demo import DEMO_CAPTIONS  # noqa: E402
-from sd3.evaluation import pil_to_uint8  # noqa: E402
+from sd3.checkpoint.read import find_checkpoint, load_config  # noqa: E402
+from sd3.config.presets import DEMO_CAPTIONS  # noqa: E402
+from sd3.diffusion.sample import SAMPLERS  # noqa: E402
+from sd3.encode import stand_ins  # noqa: E402
+from sd3.eval.scores import pil_to_uint8  # noqa: E402
 from sd3.paths import resolve, user_path  # noqa: E402
-from sd3.sample import SAMPLERS  # noqa: E402
 from tests.demo_scoring import photo_crops, score_samples  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def reference(crops: dict, compare: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from sd3.inference import Pipeline, make_grid
+    from sd3.diffusion.pipeline import Pipeline, make_grid
 
     cfg = load_config(args.ckpt)
     short = args.captions == "short" or (args.captions == "auto" and cfg.data.short_caption_prob >= 0.5)

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from sd3.checkpoint import latest_checkpoint  # noqa: E402
-from sd3.data.demo import DEMO_CAPTIONS  # noqa: E402
-from sd3.evaluation import pil_to_uint8  # noqa: E402
-from sd3.inference import Pipeline  # noqa: E402
-from sd3.metrics import read_history  # noqa: E402
+from sd3.checkpoint.read import latest_checkpoint  # noqa: E402
+from sd3.config.presets import DEMO_CAPTIONS  # noqa: E402
+from sd3.diffusion.pipeline import Pipeline  # noqa: E402
+from sd3.eval.scores import pil_to_uint8  # noqa: E402
 from sd3.paths import resolve  # noqa: E402
+from sd3.train.metrics import read_history  # noqa: E402
 from tests.demo_scoring import nearest_photo_accuracy, photo_crops  # noqa: E402
 
 RES = 64

@@ -14,6 +14,63 @@ from sd3.config.schema import (
     TrainConfig,
 )
 
+# The demo dataset's photos (sd3.data.demo builds it from them) -> (detailed caption, short caption). The
+# tiny preset trains on them and samples its grids from the short ones, to compare with the photos.
+DEMO_CAPTIONS: dict[str, tuple[str, str]] = {
+    "astronaut": (
+        "A smiling astronaut with short blond hair in an orange spacesuit poses in front of an American "
+        "flag, with a white helmet at her side and a model of the space shuttle behind her.",
+        "An astronaut in an orange spacesuit smiling for a portrait.",
+    ),
+    "cat": (
+        "A close-up of a tabby cat with green eyes and a pink nose, looking slightly to the side against "
+        "a soft, blurred background.",
+        "A close-up of a tabby cat with green eyes.",
+    ),
+    "coffee": (
+        "A cup of espresso with golden crema sits on a red saucer next to a silver spoon, on a worn "
+        "wooden table.",
+        "An espresso cup on a red saucer on a wooden table.",
+    ),
+    "rocket": (
+        "A white rocket stands on its launch pad at dusk between tall lightning towers, under a deep blue"
+        " sky, with bright lights glowing at its base.",
+        "A rocket on a launch pad under a deep blue evening sky.",
+    ),
+    "tissue": (
+        "A microscope image of stained tissue: brown-stained glands lined with rows of cells wind through"
+        " pale blue connective tissue.",
+        "A microscope image of brown and blue stained tissue.",
+    ),
+    "galaxies": (
+        "A deep-field image of space crowded with distant galaxies, small spirals and glowing points of "
+        "white, orange and blue scattered across a black background.",
+        "Hundreds of colourful galaxies scattered across black space.",
+    ),
+    "retina": (
+        "A photograph of the back of a human eye: an orange-red retina with dark branching blood vessels "
+        "spreading from the bright optic disc, inside a black circular border.",
+        "An orange retina with branching red blood vessels.",
+    ),
+    "cameraman": (
+        "A black-and-white photograph of a man in a dark coat looking through a film camera on a tripod, "
+        "standing on a lawn with buildings in the distance.",
+        "A black-and-white photo of a man filming with a tripod camera.",
+    ),
+    "pagoda": (
+        "An ornate Chinese pagoda with green-tiled roofs and red pillars rises among trees above a wide "
+        "lake under a pale blue sky.",
+        "A Chinese pagoda above a lake on a clear day.",
+    ),
+    "dahlia": (
+        "An orange dahlia in full bloom with tightly layered petals, in sharp focus against a dark green "
+        "blurred background.",
+        "An orange dahlia against a dark green background.",
+    ),
+}
+DEMO_PROMPTS: tuple[str, ...] = tuple(short for _, short in DEMO_CAPTIONS.values())
+"""The short captions: the tiny preset's sample prompts."""
+
 
 def _sd3(stage_res: int, batch_size: int, steps: int) -> Config:
     """The original system's stages: 19 blocks, width 64*19, 19 heads, SwiGLU 4.0, patch 2, lr 1e-4,
@@ -55,8 +112,6 @@ def _tiny() -> Config:
     # lr 2e-3 of before left the samples less recognisable, at 500 steps more so (README, "Measured").
     cfg.flow = FlowConfig(t_sampling="uniform")
     cfg.ranks = RankConfig(loaders_per_node=1, models_per_loader=2, timeout_s=120)
-    from sd3.data.demo import DEMO_PROMPTS  # the demo photos' short captions: samples to compare with them
-
     cfg.log = LogConfig(every=25, save_every=400, keep_last=2, sample_every=400, val_every=100,
                         sample_prompts=DEMO_PROMPTS, sample_steps=30, sample_cfg=5.0, wandb=False)
     cfg.run_dir = "runs/tiny"

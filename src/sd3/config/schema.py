@@ -18,6 +18,7 @@ from typing import Any
 
 # The choices of each string field: the one place they are listed (modules that branch on them import them).
 MLP_TYPES = ("swiglu", "gelu")
+ATTN_BACKENDS = ("auto", "sdpa", "flash", "xformers")
 T_SAMPLINGS = ("logit_normal", "uniform")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
@@ -307,9 +308,7 @@ class Config:
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise ConfigError(f"{key}={value} must be a finite number")
         _choice("model.mlp_type", m.mlp_type, MLP_TYPES)
-        from sd3.model.attention import BACKENDS
-
-        _choice("model.attn_backend", m.attn_backend, BACKENDS)
+        _choice("model.attn_backend", m.attn_backend, ATTN_BACKENDS)
         _choice("flow.t_sampling", f.t_sampling, T_SAMPLINGS)
         _choice("train.schedule", t.schedule, SCHEDULES)
         _choice("train.precision", t.precision, PRECISIONS)

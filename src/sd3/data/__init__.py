@@ -31,8 +31,6 @@ _EXPORTS = {
     "format_bucket": "sd3.data.buckets",
     "create_phase": "sd3.data.phase",
     "ensure_demo_dataset": "sd3.data.demo",
-    "DEMO_CAPTIONS": "sd3.data.demo",
-    "DEMO_PROMPTS": "sd3.data.demo",
 }
 
 __all__ = [  # noqa: RUF022  (grouped like _EXPORTS)
@@ -52,14 +50,12 @@ __all__ = [  # noqa: RUF022  (grouped like _EXPORTS)
     "format_bucket",
     "create_phase",
     "ensure_demo_dataset",
-    "DEMO_CAPTIONS",
-    "DEMO_PROMPTS",
 ]
 
 if TYPE_CHECKING:
     from sd3.data.buckets import format_bucket, parse_bucket, snap_size
     from sd3.data.dataset import BucketDataset, RawBatch
-    from sd3.data.demo import DEMO_CAPTIONS, DEMO_PROMPTS, ensure_demo_dataset
+    from sd3.data.demo import ensure_demo_dataset
     from sd3.data.images import ImageError, decode_rgb
     from sd3.data.index import BucketIndex, build_index, default_index_path, open_index
     from sd3.data.phase import create_phase

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from sd3.atomic import build_atomically
+from sd3.config.presets import DEMO_CAPTIONS
 from sd3.data.index import build_index, default_index_path
 from sd3.data.phase import create_phase
 from sd3.data.schema import DataError
@@ -43,77 +44,21 @@ def _sklearn(name: str) -> Callable[[], np.ndarray]:
     return load
 
 
-# name -> (loader, stored mode, detailed caption, short caption). Photos: scikit-image `data` (public
-# domain / CC0, see its docs) and scikit-learn's sample images (china.jpg, flower.jpg).
-_PHOTOS: dict[str, tuple[Callable[[], np.ndarray], str, str, str]] = {
-    "astronaut": (
-        _skimage("astronaut"), "RGB",
-        "A smiling astronaut with short blond hair in an orange spacesuit poses in front of an American "
-        "flag, with a white helmet at her side and a model of the space shuttle behind her.",
-        "An astronaut in an orange spacesuit smiling for a portrait.",
-    ),
-    "cat": (
-        _skimage("chelsea"), "RGBA",
-        "A close-up of a tabby cat with green eyes and a pink nose, looking slightly to the side against "
-        "a soft, blurred background.",
-        "A close-up of a tabby cat with green eyes.",
-    ),
-    "coffee": (
-        _skimage("coffee"), "CMYK",
-        "A cup of espresso with golden crema sits on a red saucer next to a silver spoon, on a worn "
-        "wooden table.",
-        "An espresso cup on a red saucer on a wooden table.",
-    ),
-    "rocket": (
-        _skimage("rocket"), "RGB",
-        "A white rocket stands on its launch pad at dusk between tall lightning towers, under a deep blue"
-        " sky, with bright lights glowing at its base.",
-        "A rocket on a launch pad under a deep blue evening sky.",
-    ),
-    "tissue": (
-        _skimage("immunohistochemistry"), "RGB",
-        "A microscope image of stained tissue: brown-stained glands lined with rows of cells wind through"
-        " pale blue connective tissue.",
-        "A microscope image of brown and blue stained tissue.",
-    ),
-    "galaxies": (
-        _skimage("hubble_deep_field"), "RGB",
-        "A deep-field image of space crowded with distant galaxies, small spirals and glowing points of "
-        "white, orange and blue scattered across a black background.",
-        "Hundreds of colourful galaxies scattered across black space.",
-    ),
-    "retina": (
-        _skimage("retina"), "RGB",
-        "A photograph of the back of a human eye: an orange-red retina with dark branching blood vessels "
-        "spreading from the bright optic disc, inside a black circular border.",
-        "An orange retina with branching red blood vessels.",
-    ),
-    "cameraman": (
-        _skimage("camera"), "L",
-        "A black-and-white photograph of a man in a dark coat looking through a film camera on a tripod, "
-        "standing on a lawn with buildings in the distance.",
-        "A black-and-white photo of a man filming with a tripod camera.",
-    ),
-    "pagoda": (
-        _sklearn("china.jpg"), "RGB",
-        "An ornate Chinese pagoda with green-tiled roofs and red pillars rises among trees above a wide "
-        "lake under a pale blue sky.",
-        "A Chinese pagoda above a lake on a clear day.",
-    ),
-    "dahlia": (
-        _sklearn("flower.jpg"), "RGB",
-        "An orange dahlia in full bloom with tightly layered petals, in sharp focus against a dark green "
-        "blurred background.",
-        "An orange dahlia against a dark green background.",
-    ),
+# name -> (loader, stored mode). Photos: scikit-image `data` (public domain / CC0, see its docs) and
+# scikit-learn's sample images (china.jpg, flower.jpg); their captions are DEMO_CAPTIONS.
+_PHOTOS: dict[str, tuple[Callable[[], np.ndarray], str]] = {
+    "astronaut": (_skimage("astronaut"), "RGB"),
+    "cat": (_skimage("chelsea"), "RGBA"),
+    "coffee": (_skimage("coffee"), "CMYK"),
+    "rocket": (_skimage("rocket"), "RGB"),
+    "tissue": (_skimage("immunohistochemistry"), "RGB"),
+    "galaxies": (_skimage("hubble_deep_field"), "RGB"),
+    "retina": (_skimage("retina"), "RGB"),
+    "cameraman": (_skimage("camera"), "L"),
+    "pagoda": (_sklearn("china.jpg"), "RGB"),
+    "dahlia": (_sklearn("flower.jpg"), "RGB"),
 }
-
-DEMO_CAPTIONS: dict[str, tuple[str, str]] = {
-    name: (long, short) for name, (_, _, long, short) in _PHOTOS.items()
-}
-"""Photo name -> (recaption, recaption_short) of the demo dataset."""
-DEMO_PROMPTS: tuple[str, ...] = tuple(short for _, short in DEMO_CAPTIONS.values())
-"""The short captions, e.g. as sample prompts of a run trained on the demo."""
+assert _PHOTOS.keys() == DEMO_CAPTIONS.keys(), "every demo photo has its captions"
 
 # (width : height, crops) per photo; each crop is also stored mirrored left-right (no caption says left
 # or right). At 64 px and multiple 8 these become the buckets 64x64, 64x48, 48x64, 64x40 and 40x64.
@@ -125,7 +70,8 @@ def demo_rows(seed: int = 0) -> list[dict]:
     """The raw rows (seed schema without bucket_size): crops of every photo, encoded."""
     rng = np.random.default_rng(seed)
     rows = []
-    for name, (load, mode, long, short) in _PHOTOS.items():
+    for name, (load, mode) in _PHOTOS.items():
+        long, short = DEMO_CAPTIONS[name]
         photo = Image.fromarray(load()).convert("RGB")
         W, H = photo.size
         for aw, ah, n in _ASPECTS:

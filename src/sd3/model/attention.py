@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "flash", "xformers")
+from sd3.config.schema import ATTN_BACKENDS
+
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -99,8 +100,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
     `auto` takes flash-attn, then xformers, for half-precision activations on a device the kernel
     supports, else SDPA."""
-    if name not in BACKENDS:
-        raise ValueError(f"model.attn_backend={name!r} is not one of {BACKENDS}")
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"model.attn_backend={name!r} is not one of {ATTN_BACKENDS}")
     half = dtype in HALF
     if name == "auto":
         for candidate in ("flash", "xformers"):

@@ -9,7 +9,7 @@ patch-mixer blocks see every image token, then the main blocks see only the imag
 (`kept_tokens`, drawn by the trainer: the model draws nothing), each at its own RoPE2d position; text is never
 dropped. Without `kept_tokens` (inference, validation, the unmasked finetune) every token goes through.
 
-The model knows nothing of devices, parallelism, checkpointing or compilation: `sd3.parallel`
+The model knows nothing of devices, parallelism, checkpointing or compilation: `sd3.dist.parallel`
 applies those from outside.
 """
 
@@ -397,7 +397,7 @@ class MMDiT(nn.Module):
         backend = self.attn_backend(xt.device)
         attn = JointAttention.build(backend, img_len=img.shape[1], **plan)
         txt = attn.arrange(txt)
-        for block in self.mixer:  # (the config says which kind: a wrapper from sd3.parallel hides the class)
+        for block in self.mixer:  # (the config says which kind: a wrapper from sd3.dist.parallel hides the class)
             if self.cfg.mixer_joint:
                 img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn=attn)
             else:

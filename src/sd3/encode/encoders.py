@@ -40,7 +40,7 @@ from sd3.paths import resolve
 # tokens unless they averaged over 256 characters each, which no real vocabulary's tokens do.
 _CHARS_PER_TOKEN_LIMIT = 256
 
-# Stand-ins are created only inside data/tiny_encoders (sd3.stand_ins.STAND_IN_DIR, not imported: runtime
+# Stand-ins are created only inside data/tiny_encoders (sd3.encode.stand_ins.STAND_IN_DIR, not imported: runtime
 # modules never import the stand-in builder), so the hint names the folder as well as the flag.
 _STAND_IN_HINT = ("or, for random-init stand-ins (demo and tests only), a path under data/tiny_encoders/ "
                   "with --encoders.create_tiny=true")

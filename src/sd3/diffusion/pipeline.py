@@ -20,12 +20,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from sd3.checkpoint import find_checkpoint, load_config, load_weights
+from sd3.checkpoint.read import find_checkpoint, load_config, load_weights
 from sd3.config import Config
-from sd3.encoders import Autoencoder, TextEncoders, load_autoencoder, load_text_encoders
-from sd3.flow import Cond, shift_for
+from sd3.diffusion.flow import Cond, shift_for
+from sd3.diffusion.sample import null_cond, sample
+from sd3.encode.encoders import Autoencoder, TextEncoders, load_autoencoder, load_text_encoders
 from sd3.model.mmdit import MMDiT, check_image_size
-from sd3.sample import null_cond, sample
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

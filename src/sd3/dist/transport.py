@@ -13,7 +13,7 @@ Text travels at each encoder's native width and without padding of any kind: the
 caption as 154 x 2304, about 0.7 MB a sample, most of it zeros). An ERROR message carries the
 loader's error text instead, so its model ranks stop with its message rather than waiting forever.
 
-`sd3.sources.RemoteSource` receives on its own thread with a bounded queue: while step s computes, the
+`sd3.dist.sources.RemoteSource` receives on its own thread with a bounded queue: while step s computes, the
 batches for s+1 ... s+depth are already arriving. A peer that dies is reported as such ("exited or
 crashed"), apart from one that is alive but silent ("no message within N s"): `peer_error`.
 """
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from sd3.batch import Batch
+from sd3.dist.batch import Batch
 
 MAGIC = 0x5D3F
 VERSION = 1

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sd3.flow import Cond, shift_t
+from sd3.diffusion.flow import Cond, shift_t
 
 SAMPLERS = ("euler", "heun", "euler_stochastic")
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> v; t is a scalar tensor

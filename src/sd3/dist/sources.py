@@ -25,8 +25,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from sd3.batch import Batch
-from sd3.transport import BATCH, END, ERROR, KIND_NAMES, LoaderFailed, Message, TransportError, peer_error, receive
+from sd3.dist.batch import Batch
+from sd3.dist.transport import BATCH, END, ERROR, KIND_NAMES, LoaderFailed, Message, TransportError, peer_error, receive
 
 
 @dataclass

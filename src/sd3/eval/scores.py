@@ -79,7 +79,7 @@ class EvaluationError(ValueError):
 
 
 def uint8_images(images: Tensor) -> Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 0..255, quantised exactly as `sd3.inference.to_pil` saves them."""
+    """(B, 3, H, W) in [-1, 1] -> uint8 0..255, quantised exactly as `sd3.diffusion.pipeline.to_pil` saves them."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -93,7 +93,7 @@ def _check_uint8(images: Tensor, what: str) -> None:
             and images.shape[1] == 3):
         got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
         raise EvaluationError(f"{what} takes (B, 3, H, W) uint8 RGB images, got {got}; convert images in "
-                              "[-1, 1] with sd3.evaluation.uint8_images")
+                              "[-1, 1] with sd3.eval.scores.uint8_images")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ a CLIP model is configured), every `log.eval_every` optimizer steps.
     metrics = evaluator.run(ema_model, step)                          # a collective over the model ranks
 
 The evaluation rows are the first `log.eval_num` held-out rows (`data.val_rows`, a uniform draw made
-from the seed, never trained on); model rank i of n takes every n-th (`sd3.loader.eval_rows`). Its loader
+from the seed, never trained on); model rank i of n takes every n-th (`sd3.dist.loader.eval_rows`). Its loader
 encodes their captions once, at start-up (EVAL batches: no latents); the rank decodes their real images
 itself with the same `holdout_batches` call, so rows, order and captions agree, and keeps the real
 images' Inception statistics from the first evaluation on. Each evaluation generates one image per row at
 the row's own bucket size with the EMA weights, then merges the statistics over the model ranks
-(`sd3.evaluation.gather_stats`: sums, exact whatever the split, and the features for KID).
+(`sd3.eval.scores.gather_stats`: sums, exact whatever the split, and the features for KID).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 from sd3 import salts
-from sd3.batch import Batch
 from sd3.config import Config
-from sd3.evaluation import RANDOM, RANDOM_WARNING, ClipScore, FeatureStats, fid, gather_stats, kid, load_inception
-from sd3.flow import Cond, shift_for
-from sd3.inference import generate_latents
-from sd3.metrics import print0
+from sd3.console import print0
+from sd3.diffusion.flow import Cond, shift_for
+from sd3.diffusion.pipeline import generate_latents
+from sd3.dist.batch import Batch
+from sd3.eval.scores import RANDOM, RANDOM_WARNING, ClipScore, FeatureStats, fid, gather_stats, kid, load_inception
 from sd3.paths import resolve
 
 

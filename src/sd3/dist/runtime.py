@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sd3.config import Config
-from sd3.rankmap import RankMap
+from sd3.dist.rankmap import RankMap
 
 
 @dataclass

@@ -7,7 +7,7 @@
 The encoders have the architectures of the real ones (Gemma-2, ModernBERT, a full CLIP checkpoint, a
 FLUX-style AutoencoderKL) at toy sizes, seeded random weights (the same every time), and one byte-level
 BPE tokenizer trained here on a generated caption corpus. They are saved with `save_pretrained` and
-loaded back through the real loading code (`sd3.encoders`), so tests and the CPU demo exercise the same
+loaded back through the real loading code (`sd3.encode.encoders`), so tests and the CPU demo exercise the same
 path as a real run. They make the pipeline run; they cannot make good images. Nothing is downloaded.
 
 `ensure` creates them only inside the preset's own folders (`STAND_IN_DIR`, and `DEMO_DIR` for the
@@ -338,7 +338,7 @@ def _build_clip(out: Path, *, width: int) -> None:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     # CLIP's own preprocessing at the tower's 32 px, so the checkpoint also serves image-text scoring
-    # (sd3.evaluation.ClipScore) as a full CLIP checkpoint does.
+    # (sd3.eval.scores.ClipScore) as a full CLIP checkpoint does.
     side = config.vision_config.image_size
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(out)
 

@@ -24,14 +24,14 @@ import torch
 import torch.distributed as dist
 
 from sd3 import salts
-from sd3.batch import Batch
+from sd3.dist.batch import Batch
 from sd3.config import Config
 from sd3.data.images import to_model_range
-from sd3.encoders import check_widths, load_autoencoder, load_text_encoders
-from sd3.flow import dropout_keep, step_generator
-from sd3.metrics import log_rank
-from sd3.runtime import Runtime
-from sd3.transport import EVAL, PROMPTS, VALIDATION, Sender, TransportError, pack, pack_end, pack_error, peer_error
+from sd3.encode.encoders import check_widths, load_autoencoder, load_text_encoders
+from sd3.diffusion.flow import dropout_keep, step_generator
+from sd3.console import log_rank
+from sd3.dist.runtime import Runtime
+from sd3.dist.transport import EVAL, PROMPTS, VALIDATION, Sender, TransportError, pack, pack_end, pack_error, peer_error
 
 VAE_CHUNK_PIXELS = 64 * 256 * 256
 """Pixels per autoencoder call (64 images at 256 px, 4 at 1024 px): bounds its activation memory at any
@@ -117,7 +117,7 @@ class BatchProducer:
     def extras(self, kind: int, model_index: int = 0) -> list[Batch]:
         """Startup batches: the sample-grid prompts and the held-out rows (for the first model rank), and
         the captions of model rank `model_index`'s share of the evaluation rows (no latents: see
-        sd3.online_eval)."""
+        sd3.train.online_eval)."""
         if kind == PROMPTS:
             prompts = list(self.cfg.log.sample_prompts)
             if not prompts:

@@ -26,20 +26,31 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from sd3.batch import Batch
-from sd3.checkpoint import CheckpointWriter, load_tensors, load_train_state, load_weights
+from sd3.checkpoint.read import load_tensors, load_train_state, load_weights
+from sd3.checkpoint.write import CheckpointWriter
 from sd3.config import Config, FlowConfig, TrainConfig, to_dict
-from sd3.ema import EMA
-from sd3.flow import Cond, draw_kept_tokens, dropout_keep, flow_loss, mask_ratio_at, shift_for, shift_t, step_generator
-from sd3.inference import generate_latents, make_grid, to_pil
-from sd3.metrics import Logger, TimeBins, format_line, log0, mfu, print0
+from sd3.console import log0, print0
+from sd3.diffusion.flow import (
+    Cond,
+    draw_kept_tokens,
+    dropout_keep,
+    flow_loss,
+    mask_ratio_at,
+    shift_for,
+    shift_t,
+    step_generator,
+)
+from sd3.diffusion.pipeline import generate_latents, make_grid, to_pil
+from sd3.dist.batch import Batch
+from sd3.dist.parallel import parallelize
+from sd3.dist.runtime import Runtime, StopSignal
+from sd3.dist.sources import BatchSource
+from sd3.dist.transport import EVAL, PROMPTS, VALIDATION, TransportError, peer_died, peer_error
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
-from sd3.optim import build_optimizer, lr_at, set_lr
-from sd3.parallel import parallelize
 from sd3.paths import resolve
-from sd3.runtime import Runtime, StopSignal
-from sd3.sources import BatchSource
-from sd3.transport import EVAL, PROMPTS, VALIDATION, TransportError, peer_died, peer_error
+from sd3.train.ema import EMA
+from sd3.train.metrics import Logger, TimeBins, format_line, mfu
+from sd3.train.optim import build_optimizer, lr_at, set_lr
 
 PREEMPTED = "PREEMPTED"
 """Marker in the run directory: the run stopped for a signal, cleanly; the SLURM script requeues it."""
@@ -432,7 +443,7 @@ class Trainer:
         self._sampled_step: int | None = None  # the step of the newest sample grid (a run's last is not redrawn)
         self.evaluator = None
         if cfg.log.eval_every:
-            from sd3.online_eval import OnlineEval
+            from sd3.train.online_eval import OnlineEval
 
             self.evaluator = OnlineEval(cfg, rt, extras[EVAL], autoencoder=self.ae)
         self._source_mark = dataclasses.asdict(source.counters)

@@ -437,7 +437,7 @@ def encoder_sizes(enc: EncoderConfig, model: ModelConfig, *, stand_in_configs=No
                   ) -> dict[str, tuple[str, EncoderSize | None]]:
     """config key -> (what it names, its size or None when unknown). A local directory is read (its
     config only, built on the meta device); missing stand-ins (`encoders.create_tiny`) are counted from
-    the configs they would be written with, given `stand_in_configs` (`sd3.stand_ins.stand_in_configs`,
+    the configs they would be written with, given `stand_in_configs` (`sd3.encode.stand_ins.stand_in_configs`,
     which only entry scripts and tests import); a hub id comes from `KNOWN_ENCODERS`."""
     entries = [(f"encoders.text[{i}]", s, False) for i, s in enumerate(enc.text)]
     entries.append(("encoders.pooled", enc.pooled, True))
@@ -589,7 +589,7 @@ def estimate(cfg: Config, *, stand_in_configs=None) -> Estimate:
                     f"encoders in {e.dtype}")
     notes = []
     if published:
-        notes.append("* parameter count from published configs (constants in sd3/memory.py), not read from "
+        notes.append("* parameter count from published configs (constants in sd3/train/memory.py), not read from "
                      "the model")
     if unknown:
         notes.append("unknown hub ids, not counted (point the config at a local directory to count them): "
@@ -602,7 +602,7 @@ def _loader(cfg: Config, feeds: int, stand_in_configs, *, txt_tokens: tuple[int,
             sends: bool) -> tuple[list[Line], list[str], list[str]]:
     """Loader-GPU lines for a loader feeding `feeds` model ranks; also the encoders counted from published
     constants and the unknown ones."""
-    from sd3.loader import vae_chunk
+    from sd3.dist.loader import vae_chunk
 
     e, d, side = cfg.encoders, cfg.data, cfg.model.max_res
     rows = d.batch_size * feeds

@@ -1,0 +1,13 @@
+"""Checkpoints: one directory per saved step, written whole or not at all, verifiable on reload.
+
+    <run_dir>/checkpoints/step_00001000/
+        model.safetensors   the trained weights (fp32)
+        ema.safetensors     the EMA weights (fp32): what inference uses
+        config.json         the full resolved config: inference needs nothing else
+        train_state.pt      optimizer state, step, run ids (plain tensors and numbers:
+                            loads with torch.load(weights_only=True))
+        manifest.json       written last: every other file's size and CRC-32
+
+`read` finds, verifies and loads them (the trainer on resume, the inference pipeline, the evaluation);
+`write` saves them (the trainer only). Both sit below the layers that use them.
+"""

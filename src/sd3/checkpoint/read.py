@@ -1,0 +1,163 @@
+"""Finding, verifying and loading checkpoints (the layout is in `sd3.checkpoint`).
+
+The manifest tells whether a directory is still whole after it was written (a truncated copy, a
+damaged disk): every file's size, and on a full check its CRC-32. CRC-32 runs at about 6 GB/s here,
+against 0.33 GB/s for writing and fsyncing the same bytes: under 10% of a save (python zlib, measured on
+this project's 2-core machine).
+
+`--resume auto` walks back from the newest checkpoint to the newest one that verifies, saying which it
+skipped and why; a checkpoint named explicitly must verify or the run stops naming the bad file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from sd3.config import Config, load_json
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or does not fit the model. The message names the file."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every step_* directory of a run, oldest first (whole when written; `verify` tells if still so)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------------
+
+
+def crc32_of(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def verify(path: Path, *, full: bool = True) -> None:
+    """Raise CheckpointError naming the first missing, truncated or damaged file of checkpoint `path`.
+
+    Sizes are always checked against the manifest; `full` also compares every file's CRC-32. A
+    checkpoint written before manifests existed is accepted when its files are all there."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (give a step_* directory or a run directory)")
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    if not (path / MANIFEST).is_file():
+        return  # written before manifests (every file is there)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        entries = manifest["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({error})") from error
+    for name in FILES:
+        entry = entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {name}")
+        size = (path / name).stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is {size:,} bytes but was written with "
+                                  f"{entry['bytes']:,} (truncated or overwritten)")
+        if full and f"{crc32_of(path / name):08x}" != entry["crc32"]:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match the checksum it was written with "
+                                  "(damaged)")
+
+
+def find_checkpoint(arg: str | None, run_dir: str | Path, *, log: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint a run starts from (or that inference loads).
+
+    `'auto'`: the newest checkpoint of `run_dir` that verifies (each one skipped is logged with its
+    reason); None when the run has none (a fresh start); an error when it has some and none verifies
+    (a fresh start would silently throw the run away). A path: a step_* directory, or a run directory
+    (its newest verified checkpoint), which must verify."""
+    if not arg:
+        return None
+    if arg == "auto":
+        return _newest_verified(run_dir, log=log, required=False)
+    path = Path(arg)
+    if path.is_dir() and not (path / "config.json").exists() and list_checkpoints(path):
+        return _newest_verified(path, log=log, required=True)
+    verify(path)
+    return path
+
+
+def _newest_verified(run_dir: str | Path, *, log: Callable[[str], None], required: bool) -> Path | None:
+    found = list_checkpoints(run_dir)
+    reasons = []
+    for _, path in reversed(found):
+        try:
+            verify(path)
+        except CheckpointError as error:
+            log(f"skipping checkpoint {path.name}: {error}")
+            reasons.append(str(error))
+            continue
+        return path
+    if found:
+        raise CheckpointError(f"no checkpoint of {run_dir} verifies ({len(found)} found): " + "; ".join(reasons) +
+                              ". Restore one, or start over in a new --run_dir")
+    if required:
+        raise CheckpointError(f"{run_dir} holds no checkpoint")
+    return None
+
+
+def load_train_state(path: Path, map_location="cpu") -> dict:
+    try:
+        return torch.load(path / "train_state.pt", map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path}: train_state.pt does not load ({type(error).__name__}: "
+                              f"{error})") from error
+
+
+def load_tensors(path: Path, name: str) -> dict[str, Tensor]:
+    try:
+        return load_file(path / name)
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path}: {name} does not load ({error})") from error
+
+
+def load_weights(path: Path, model: nn.Module, *, ema: bool) -> None:
+    """Load `ema.safetensors` or `model.safetensors` into `model`, strictly (names and shapes)."""
+    verify(path, full=False)
+    name = "ema.safetensors" if ema else "model.safetensors"
+    state = load_tensors(path, name)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit this model ({error}); was it trained with another "
+                              "model config? Its config.json holds the one it needs") from error
+
+
+def load_config(path: Path) -> Config:
+    verify(path, full=False)
+    return load_json(path / "config.json")

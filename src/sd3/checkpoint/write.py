@@ -1,0 +1,183 @@
+"""Writing checkpoints (the layout is in `sd3.checkpoint`).
+
+A directory is written under a hidden temporary name, fsynced and renamed when every file is on disk
+(`sd3.atomic`), so a directory named step_* is whole when it appears. The writer removes temporaries of
+killed runs before it saves, checks the free space first, and a save that fails for lack of space says
+so and leaves no partial files. The last `keep_last` verified checkpoints are kept, so the newest good
+one is never pruned.
+
+Saving snapshots the state to CPU on the caller's thread (fast), then writes the files on a background
+thread so training goes on; `wait()` joins it and re-raises its error, `failed()` polls it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from sd3.atomic import TMP_MARK, atomic_path, atomic_write_text, remove, stale_temporaries
+from sd3.checkpoint.read import FILES, MANIFEST, CheckpointError, checkpoint_dir, crc32_of, list_checkpoints, verify
+from sd3.config import Config, save_json
+
+_SLACK_BYTES = 1 << 20  # JSON, pickle framing and filesystem metadata on top of the tensors
+
+
+class NoSpaceError(CheckpointError):
+    """A save failed for lack of disk space (its partial files are removed)."""
+
+
+def _snapshot(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU copies (safetensors needs contiguous, unshared tensors)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _to_cpu(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded")
+"""How an I/O error reads when it arrives only as text (safetensors reports its Rust I/O errors in a
+SafetensorError: "... I/O error: No space left on device (os error 28) ...")."""
+
+
+def _is_no_space(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if not isinstance(error, OSError) and any(text in str(error).lower() for text in _NO_SPACE_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class CheckpointWriter:
+    """Writes checkpoints of one run in the background, one at a time."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int):
+        self.root = checkpoint_dir(run_dir)
+        self.keep_last = keep_last
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, step: int, *, model: nn.Module, ema_state: dict[str, Tensor], cfg: Config,
+             train_state: dict, blocking: bool = False) -> Path:
+        self.wait()
+        final = self.root / f"step_{step:08d}"
+        payload = (_snapshot(model.state_dict()), _snapshot(ema_state), cfg, _to_cpu(train_state))
+        self._thread = threading.Thread(target=self._write, args=(final, *payload), daemon=False,
+                                        name=f"checkpoint-{step}")
+        self._thread.start()
+        if blocking:
+            self.wait()
+        return final
+
+    def failed(self) -> bool:
+        """Whether the last background save has ended in an error (`wait` raises it)."""
+        return self._error is not None
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(f"writing a checkpoint under {self.root} failed: {type(error).__name__}: "
+                                  f"{error}") from error
+
+    def _write(self, final: Path, model_sd, ema_sd, cfg, train_state) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._clean_up()
+            need = _tensor_bytes(model_sd) + _tensor_bytes(ema_sd) + _tensor_bytes(train_state) + _SLACK_BYTES
+            free = shutil.disk_usage(self.root).free
+            if free < need:
+                raise NoSpaceError(self._no_space(final, need, free))
+            try:
+                with atomic_path(final, folder=True) as tmp:
+                    save_file(model_sd, tmp / "model.safetensors")
+                    save_file(ema_sd, tmp / "ema.safetensors")
+                    save_json(cfg, tmp / "config.json")
+                    torch.save(train_state, tmp / "train_state.pt")
+                    files = {name: {"bytes": (tmp / name).stat().st_size, "crc32": f"{crc32_of(tmp / name):08x}"}
+                             for name in FILES}
+                    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+            except Exception as error:
+                free = shutil.disk_usage(self.root).free
+                # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+                if _is_no_space(error) or free < need:
+                    raise NoSpaceError(self._no_space(final, need, free, refused=_is_no_space(error))) from error
+                raise
+            self._prune()
+        except BaseException as error:  # reported by wait() on the training thread
+            self._error = error
+
+    def _no_space(self, final: Path, need: int, free: int, refused: bool = False) -> str:
+        after = ("nothing partial was left behind and the previous checkpoints are intact. Free space (or lower "
+                 "--log.keep_last), then rerun with --resume auto")
+        if refused and free >= need:  # bytes are left, yet the filesystem said ENOSPC/EDQUOT: files or a quota
+            return (f"no space for checkpoint {final.name} under {self.root}: the filesystem refused to write "
+                    f"(no space left or quota exceeded) although {free / 2**20:,.1f} MiB are free and it needs "
+                    f"{need / 2**20:,.1f} MiB: out of inodes or over a quota (check df -i and your quota); "
+                    + after)
+        return (f"not enough disk space for checkpoint {final.name} under {self.root}: it needs "
+                f"{need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free; " + after)
+
+    def _clean_up(self) -> None:
+        """Before a save: put back a checkpoint left moved aside by a killed re-save, and remove the
+        temporaries of killed writers (which would otherwise keep the disk full)."""
+        for aside in self.root.glob(f".step_*.old{TMP_MARK}*"):
+            final = self.root / aside.name[1:].split(".old")[0]
+            if not final.exists():
+                aside.rename(final)
+        for stale in stale_temporaries(self.root, "step_"):
+            remove(stale)
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_last` checkpoints that verify (sizes); remove everything older."""
+        found = list_checkpoints(self.root.parent)
+        kept = []
+        for step, path in reversed(found):
+            try:
+                verify(path, full=False)
+            except CheckpointError:
+                continue
+            kept.append(step)
+            if len(kept) == self.keep_last:
+                break
+        if len(kept) < self.keep_last:
+            return
+        for step, path in found:
+            if step < kept[-1]:
+                remove(path)
+
+
+def write_marker(run_dir: str | Path, name: str, text: str) -> Path:
+    """A one-line marker file in the run directory (PREEMPTED, FAILED), written atomically."""
+    path = Path(run_dir) / name
+    atomic_write_text(path, text.rstrip("\n") + "\n")
+    return path
