@@ -16,8 +16,6 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-
 from sd3.checkpoint.read import CheckpointError, find_checkpoint, list_checkpoints, load_config
 from sd3.diffusion.sample import SAMPLERS
 from sd3.encode import stand_ins

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # `import sd3` without an install
 
 from sd3.data.phase import FORMATS, create_phase
 from sd3.data.schema import DataError

@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # `import sd3` without an install
-
 from sd3.data.importer import KINDS, ImportOptions, import_images
 from sd3.data.index import build_index
 from sd3.data.phase import create_phase

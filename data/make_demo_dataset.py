@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # `import sd3` without an install
-
 from sd3.data.demo import ensure_demo_dataset
 from sd3.data.index import open_index
 from sd3.data.schema import DataError

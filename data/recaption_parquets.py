@@ -22,8 +22,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # `import sd3` without an install
-
 from sd3.data.recaption import (
     BOILERPLATE,
     HINT_PROMPT,

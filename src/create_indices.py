@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import sd3` without an install
 
 from sd3.data.index import build_index, default_index_path
 from sd3.data.schema import DataError

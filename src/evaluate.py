@@ -30,8 +30,6 @@ import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
