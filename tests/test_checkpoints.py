@@ -33,7 +33,7 @@ def run(tmp_path, small_model_cfg):
     def save(step, blocking=True):
         with torch.no_grad():
             next(model.parameters()).add_(1.0)
-        return writer.save(step, model=model, ema_state=EMA(model, decay=0.5).state_dict(), cfg=cfg,
+        return writer.save(step, model_state=model.state_dict(), ema_state=EMA(model, decay=0.5).state_dict(), cfg=cfg,
                            train_state={"step": step, "optimizer": optimizer.state_dict(), "wandb_id": ""},
                            blocking=blocking)
 

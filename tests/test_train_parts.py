@@ -76,7 +76,7 @@ def save_one(writer, model, step, cfg):
     optimizer = build_optimizer(model, cfg.train)
     model(**dummy_inputs(cfg.model)).square().mean().backward()
     optimizer.step()
-    return writer.save(step, model=model, ema_state=ema.state_dict(), cfg=cfg,
+    return writer.save(step, model_state=model.state_dict(), ema_state=ema.state_dict(), cfg=cfg,
                        train_state={"step": step, "optimizer": optimizer.state_dict(), "wandb_id": "abc",
                                     "rng": torch.get_rng_state()}, blocking=True)
 

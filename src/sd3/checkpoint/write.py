@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from sd3.atomic import TMP_MARK, atomic_path, atomic_write_text, remove, stale_temporaries
 from sd3.checkpoint.read import FILES, MANIFEST, CheckpointError, checkpoint_dir, crc32_of, list_checkpoints, verify
@@ -82,11 +82,13 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, step: int, *, model: nn.Module, ema_state: dict[str, Tensor], cfg: Config,
+    def save(self, step: int, *, model_state: dict[str, Tensor], ema_state: dict[str, Tensor], cfg: Config,
              train_state: dict, blocking: bool = False) -> Path:
+        """Checkpoint `step`: the weights and EMA (name -> whole tensor), the config and the train state.
+        Returns the directory it will have once written (at once with blocking=True)."""
         self.wait()
         final = self.root / f"step_{step:08d}"
-        payload = (_snapshot(model.state_dict()), _snapshot(ema_state), cfg, _to_cpu(train_state))
+        payload = (_snapshot(model_state), _snapshot(ema_state), cfg, _to_cpu(train_state))
         self._thread = threading.Thread(target=self._write, args=(final, *payload), daemon=False,
                                         name=f"checkpoint-{step}")
         self._thread.start()

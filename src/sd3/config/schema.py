@@ -28,6 +28,7 @@ SMALL_BUCKETS = ("drop", "fill")
 ENCODER_DTYPES = ("bfloat16", "float16", "float32")
 PROCESS_GROUP_BACKENDS = ("auto", "nccl", "gloo")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+PARALLELS = ("ddp", "fsdp", "hsdp")
 
 
 class ConfigError(ValueError):
@@ -207,6 +208,16 @@ class TrainConfig:
     unmasked_steps: int = 0
     """With model.mask_ratio > 0: the last this many optimizer steps train without masking (MicroDiT's
     unmasked finetune, which closes most of the gap masking leaves)."""
+    parallel: str = "ddp"
+    """How the model ranks share the model: 'ddp' (each holds all of it: weights, gradients, optimizer
+    state, EMA), 'fsdp' (FSDP2: each holds 1/N of every tensor, gathered per block for compute), or 'hsdp'
+    (sharded within a group of `hsdp_shard_size` model ranks, replicated across the groups)."""
+    reshard_after_forward: bool = True
+    """fsdp/hsdp: free each block's gathered weights after its forward and gather them again for the
+    backward (less memory, one more all-gather per block), as ZeRO-3; false keeps them until the backward."""
+    hsdp_shard_size: int = 0
+    """hsdp: model ranks per shard group (consecutive model ranks); 0 = the model ranks of one node, so
+    weights are sharded within a node and replicated across nodes."""
 
 
 @dataclass
@@ -315,6 +326,7 @@ class Config:
         _choice("train.ema_device", t.ema_device, EMA_DEVICES)
         _choice("train.device", t.device, DEVICES)
         _choice("train.compile_backend", t.compile_backend, COMPILE_BACKENDS)
+        _choice("train.parallel", t.parallel, PARALLELS)
         _choice("data.small_buckets", d.small_buckets, SMALL_BUCKETS)
         _choice("encoders.dtype", e.dtype, ENCODER_DTYPES)
         _choice("ranks.backend", self.ranks.backend, PROCESS_GROUP_BACKENDS)
@@ -381,6 +393,9 @@ class Config:
                               f"{t.steps}: lower it, or set --model.mask_ratio=0")
         if d.val_rows < 0:
             raise ConfigError(f"data.val_rows={d.val_rows} must be >= 0")
+        if t.hsdp_shard_size < 0 or (t.hsdp_shard_size and t.parallel != "hsdp"):
+            raise ConfigError(f"train.hsdp_shard_size={t.hsdp_shard_size} must be >= 0 and is for "
+                              f"--train.parallel=hsdp only (this config has train.parallel={t.parallel!r})")
         lg = self.log
         if lg.eval_every < 0 or lg.eval_steps < 1:
             raise ConfigError(f"log.eval_every={lg.eval_every} must be >= 0 and log.eval_steps={lg.eval_steps} >= 1")

@@ -9,8 +9,10 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from sd3.config import Config
+from sd3.dist.parallel import build_mesh, shard_groups
 from sd3.dist.rankmap import RankMap
 
 
@@ -28,6 +30,8 @@ class Runtime:
     from the data (an NCCL receive posted for a message that comes late would block the data stream)."""
     model_ctrl_group: dist.ProcessGroup | None = None
     """The model ranks, always gloo: the per-step stop vote, on CPU tensors (never a GPU sync)."""
+    mesh: DeviceMesh | None = None
+    """train.parallel=fsdp/hsdp, on model ranks: the device mesh the model is sharded over."""
 
     @property
     def distributed(self) -> bool:
@@ -53,11 +57,17 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return device
 
 
+def _local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
 def rank_map_from_env(cfg: Config) -> RankMap:
-    """Validate the rank map against torchrun's environment before anything heavy."""
+    """Validate the rank map, and the sharding over its model ranks, against torchrun's environment
+    before anything heavy."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return RankMap.from_config(cfg.ranks, world_size=world, local_world_size=local_world)
+    ranks = RankMap.from_config(cfg.ranks, world_size=world, local_world_size=_local_world_size())
+    shard_groups(cfg.train, ranks, _local_world_size())
+    return ranks
 
 
 def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
@@ -75,7 +85,18 @@ def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
     model_group = dist.new_group(list(ranks.model_ranks))
     ctrl_group = dist.new_group(list(range(ranks.world_size)), backend="gloo")
     model_ctrl_group = dist.new_group(list(ranks.model_ranks), backend="gloo")
-    return Runtime(rank, ranks.world_size, local_rank, device, ranks, model_group, ctrl_group, model_ctrl_group)
+    mesh = None
+    if cfg.train.parallel == "hsdp":
+        groups = shard_groups(cfg.train, ranks, _local_world_size())
+        shard = [dist.new_group(list(g)) for g in groups]
+        replicate = [dist.new_group([g[i] for g in groups]) for i in range(len(groups[0]))]
+        row = next((i for i, g in enumerate(groups) if rank in g), None)
+        if row is not None:
+            mesh = build_mesh(cfg.train, groups, shard[row], replicate[groups[row].index(rank)], device.type)
+    elif cfg.train.parallel == "fsdp" and ranks.is_model(rank):
+        mesh = build_mesh(cfg.train, [ranks.model_ranks], model_group, None, device.type)
+    return Runtime(rank, ranks.world_size, local_rank, device, ranks, model_group, ctrl_group, model_ctrl_group,
+                   mesh)
 
 
 class StopSignal:

@@ -90,6 +90,20 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 # ---------------------------------------------------------------------------------------------------
 
 
+def learnable_scalar(value: float) -> nn.Parameter:
+    """A learnable scalar, stored as a 1-element tensor: a 0-d parameter cannot be sharded (FSDP2)."""
+    return nn.Parameter(torch.full((1,), float(value)))
+
+
+def _scalars_from_0d(module, state_dict, prefix, *_) -> None:
+    """Load a 0-d tensor saved under a learnable scalar's name (a checkpoint that stores scalars 0-d)
+    into its 1-element parameter."""
+    for name, p in module.named_parameters(recurse=False):
+        saved = state_dict.get(prefix + name)
+        if saved is not None and saved.ndim == 0 and p.shape == (1,):
+            state_dict[prefix + name] = saved.reshape(1)
+
+
 class TextEmbedder(nn.Module):
     """One text stream: RMSNorm -> learnable scalar -> projection to the model width.
 
@@ -99,8 +113,9 @@ class TextEmbedder(nn.Module):
     def __init__(self, in_dim: int, width: int, scale_init: float):
         super().__init__()
         self.norm = nn.RMSNorm(in_dim, eps=1e-6)
-        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.scale = learnable_scalar(scale_init)
         self.proj = nn.Linear(in_dim, width)
+        self.register_load_state_dict_pre_hook(_scalars_from_0d)
 
     def forward(self, x: Tensor) -> Tensor:
         # The scalar folds into the norm's weight: one pass over the (wide) token states instead of two. The
@@ -116,8 +131,9 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, width: int, time_scale_init: float):
         super().__init__()
-        self.time_scale = nn.Parameter(torch.tensor(float(time_scale_init)))
+        self.time_scale = learnable_scalar(time_scale_init)
         self.mlp = nn.Sequential(nn.Linear(self.freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.register_load_state_dict_pre_hook(_scalars_from_0d)
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(timestep_embedding(t * self.time_scale, self.freq_dim))  # (B, D)

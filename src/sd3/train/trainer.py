@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -42,7 +42,17 @@ from sd3.diffusion.flow import (
 )
 from sd3.diffusion.pipeline import generate_latents, make_grid, to_pil
 from sd3.dist.batch import Batch
-from sd3.dist.parallel import parallelize
+from sd3.dist.parallel import (
+    SHARDED,
+    clean_name,
+    clip_grad_norm_,
+    full_state,
+    full_tensor,
+    gradient_sync,
+    local,
+    parallelize,
+    shard_like,
+)
 from sd3.dist.runtime import Runtime, StopSignal
 from sd3.dist.sources import BatchSource
 from sd3.dist.transport import EVAL, PROMPTS, VALIDATION, TransportError, peer_died, peer_error
@@ -108,7 +118,7 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
                device: torch.device, guard: DivergenceGuard | None = None) -> StepResult:
     """Optimizer step `step` (0-based) over the next `accumulation_steps` batches of `batches`.
 
-    Gradients are synchronised only on the last micro-batch (DDP's no_sync before it). Every random
+    Gradients are synchronised only on the last micro-batch (`gradient_sync`). Every random
     draw comes from a generator of (seed, batch.step, rank), so the step is reproducible. Nothing here
     waits for the device: the loss, gradient norm and skip flag stay on it until a log step reads them."""
     n, p = cfg.train.accumulation_steps, cfg.model.patch_size
@@ -119,14 +129,13 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
     for i, batch in enumerate(itertools.islice(batches, n)):
         batch = batch.to(device, non_blocking=True)
         last = i == n - 1
-        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         generator = step_generator(cfg.train.seed, batch.step, rank_index, device)
         keep = dropout_keep(cfg.flow, seed=cfg.train.seed, step=batch.step, rank=rank_index, batch_size=batch.size)
         img_tokens = (batch.latents.shape[-2] // p) * (batch.latents.shape[-1] // p)
         kept = None if not ratio else draw_kept_tokens(seed=cfg.train.seed, step=batch.step, rank=rank_index,
                                                        batch_size=batch.size, img_tokens=img_tokens, ratio=ratio,
                                                        device=device)
-        with sync:
+        with gradient_sync(model, last):
             with autocast_for(cfg.train.precision, device):
                 out = flow_loss(model, x0=batch.latents, cond=cond_of(batch), cfg=cfg.flow, patch_size=p,
                                 generator=generator, keep=to_device(keep, device), kept_tokens=kept)
@@ -139,7 +148,7 @@ def train_step(model, optimizer, batches, *, step: int, cfg: Config, rank_index:
                                                      kept_tokens=None if kept is None else kept.shape[1])
     if len(losses) < n:
         raise RuntimeError(f"the data ended inside optimizer step {step} ({len(losses)} of {n} micro-batches)")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    grad_norm = clip_grad_norm_(list(model.parameters()), cfg.train.grad_clip)
     # A bad gradient (non-finite, or exploding: `DivergenceGuard`; the same on every rank after the
     # all-reduce) skips the update instead of poisoning the weights and the optimizer state (MicroDiT's
     # NaN catcher does the same). The fused AdamW skips on the device when `found_inf` is set (as for
@@ -397,15 +406,18 @@ class RunResult:
     sample_grid: str = ""
 
 
-def build_model(cfg: Config, device: torch.device, *, resume: Path | None, init_from: Path | None):
-    """The model (identical on every model rank: same seed, then DDP broadcasts), EMA, optimizer and
-    state, restored from `resume` (everything) or `init_from` (weights and EMA only)."""
+def build_model(cfg: Config, rt: Runtime, *, resume: Path | None, init_from: Path | None):
+    """The model (identical on every model rank: same seed, then DDP broadcasts or FSDP shards it), the
+    module that trains it (`parallelize`), EMA, optimizer and state, restored from `resume` (everything)
+    or `init_from` (weights and EMA only). Checkpoints hold whole tensors: under fsdp/hsdp each rank keeps
+    its own part of them."""
     torch.manual_seed(cfg.train.seed)
-    model = MMDiT(cfg.model).to(device)
-    ema_device = "cpu" if cfg.train.ema_device == "cpu" else device
+    model = MMDiT(cfg.model).to(rt.device)
     source = resume or init_from
     if source is not None:
         load_weights(source, model, ema=False)
+    train_model = parallelize(model, cfg.train, group=rt.model_group, device=rt.device, mesh=rt.mesh)
+    ema_device = "cpu" if cfg.train.ema_device == "cpu" else rt.device
     ema = EMA(model, decay=cfg.train.ema_decay, every=cfg.train.ema_every, device=ema_device)
     if source is not None:
         ema.load_state_dict(load_tensors(source, "ema.safetensors"))
@@ -413,9 +425,21 @@ def build_model(cfg: Config, device: torch.device, *, resume: Path | None, init_
     state = TrainState()
     if resume is not None:
         saved = load_train_state(resume)
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
         state.load_state_dict(saved)
-    return model, ema, optimizer, state
+    return model, train_model, ema, optimizer, state
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state (whole tensors) cut like this optimizer's parameters: under fsdp/hsdp each
+    rank keeps its part of every moment; under ddp it is returned as it is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, per_param in state["state"].items():
+        p = params[int(index)]
+        for key, value in per_param.items():
+            if isinstance(value, Tensor) and value.ndim and value.numel() == p.numel():
+                per_param[key] = shard_like(value.reshape(p.shape), p)
+    return state
 
 
 class Trainer:
@@ -425,9 +449,9 @@ class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, source: BatchSource, *, resume: Path | None = None,
                  init_from: Path | None = None, autoencoder=None):
         self.cfg, self.rt, self.source, self.device = cfg, rt, source, rt.device
-        self.model, self.ema, self.optimizer, self.state = build_model(cfg, rt.device, resume=resume,
-                                                                       init_from=init_from)
-        self.train_model = parallelize(self.model, cfg.train, group=rt.model_group, device=rt.device)
+        self.model, self.train_model, self.ema, self.optimizer, self.state = build_model(
+            cfg, rt, resume=resume, init_from=init_from)
+        self.sharded = cfg.train.parallel in SHARDED
         self.guard = DivergenceGuard(cfg.train, self.state, rt.device)
         self.window = MetricsWindow(rt.device)
         self.run_dir = resolve(cfg.run_dir)
@@ -439,7 +463,8 @@ class Trainer:
         kinds = ((PROMPTS, VALIDATION) if self.logging else ()) + ((EVAL,) if cfg.log.eval_every else ())
         extras = source.startup(kinds) if kinds else {}
         self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
-        self.autoencoder, self._ema_model, self._ae = autoencoder, None, None
+        self.has_prompts, self.has_validation = self.shared_flags(bool(self.prompts), bool(self.val_batches))
+        self.autoencoder, self._ema_model, self._whole_model, self._ae = autoencoder, None, None, None
         self._sampled_step: int | None = None  # the step of the newest sample grid (a run's last is not redrawn)
         self.evaluator = None
         if cfg.log.eval_every:
@@ -449,6 +474,7 @@ class Trainer:
         self._source_mark = dataclasses.asdict(source.counters)
         self.metrics: dict = {}
         self.last_saved: Path | None = None
+        self.saved_step: int | None = None
 
     # -- the story ------------------------------------------------------------------------------------
     def fit(self, stop: StopSignal) -> RunResult:
@@ -499,13 +525,17 @@ class Trainer:
         if step % log.every == 0 or step == self.cfg.train.steps:
             self.log_window(result, bar)
             self.guard.check()
-        if self.logging and log.val_every and self.val_batches and step % log.val_every == 0:
+        # Under fsdp/hsdp every model rank takes part (the weights are gathered); else the first alone.
+        takes_part = self.logging or self.sharded
+        if takes_part and log.val_every and self.has_validation and step % log.val_every == 0:
             self.validate()
         if log.eval_every and step % log.eval_every == 0:
             self.evaluate()
-        if self.logging and log.sample_every and self.prompts and step % log.sample_every == 0:
-            self.logger.image(step, "samples", self.sample(), caption=" | ".join(self.cfg.log.sample_prompts))
-        if self.logging and step % log.save_every == 0:
+        if takes_part and log.sample_every and self.has_prompts and step % log.sample_every == 0:
+            grid = self.sample()
+            if self.logging:
+                self.logger.image(step, "samples", grid, caption=" | ".join(self.cfg.log.sample_prompts))
+        if takes_part and step % log.save_every == 0:
             self.save()
 
     def request(self, stop: StopSignal) -> int:
@@ -519,13 +549,13 @@ class Trainer:
         result = RunResult(step=step, stopped_early=stopped_early, metrics=self.metrics)
         if stopped_early:
             print0(f"stopping at step {step} on {stop.received or 'a signal on another rank'}")
+        if (self.logging or self.sharded) and self.saved_step != step:
+            self.save(blocking=True)
+        grid = self.sample() if (self.logging or self.sharded) and not stopped_early and self.has_prompts else None
         if self.logging:
-            if self.last_saved is None or self.last_saved.name != f"step_{step:08d}":
-                self.save(blocking=True)
             self.writer.wait()
             result.checkpoint = str(self.last_saved)
-            if not stopped_early and self.prompts:
-                result.sample_grid = str(self.sample())
+            result.sample_grid = str(grid) if grid is not None else ""
             self.logger.finish()
         return result
 
@@ -538,9 +568,15 @@ class Trainer:
     # -- the parts ------------------------------------------------------------------------------------
     def announce(self) -> None:
         n, cfg = len(self.rt.ranks.model_ranks), self.cfg
-        print0(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {n} model rank(s), "
-               f"steps {self.state.step} -> {cfg.train.steps}, {cfg.data.batch_size} x {n} x "
-               f"{cfg.train.accumulation_steps} samples per optimizer step")
+        mode = ""
+        if cfg.train.parallel == "fsdp":
+            mode = f" (fsdp: each holds 1/{n} of the model)"
+        elif cfg.train.parallel == "hsdp":
+            copies, shards = self.rt.mesh.shape
+            mode = f" (hsdp: {copies} copies of the model, each sharded over {shards} ranks)"
+        print0(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {n} model rank(s)"
+               f"{mode}, steps {self.state.step} -> {cfg.train.steps}, "
+               f"{cfg.data.batch_size} x {n} x {cfg.train.accumulation_steps} samples per optimizer step")
         m, unmasked = cfg.model, cfg.train.unmasked_steps
         if m.mask_ratio:
             print0(f"patch masking: {m.mask_ratio:.0%} of the image tokens dropped after {m.mixer_depth} patch-mixer "
@@ -582,8 +618,22 @@ class Trainer:
     def images_per_step(self) -> int:
         return self.cfg.train.accumulation_steps * self.cfg.data.batch_size * len(self.rt.ranks.model_ranks)
 
+    def shared_flags(self, *flags: bool) -> tuple[bool, ...]:
+        """The first model rank's flags on every model rank (under fsdp/hsdp all of them join what it does
+        alone under ddp: validation and sample grids need the gathered weights)."""
+        if not self.sharded:
+            return flags
+        values = torch.tensor([int(f) for f in flags])
+        dist.broadcast(values, src=self.rt.ranks.model_ranks[0], group=self.rt.model_ctrl_group)
+        return tuple(bool(v) for v in values)
+
     def validate(self) -> None:
-        val = validation_loss(self.model, self.val_batches, self.cfg, self.device)
+        """The validation loss of the trained weights (first model rank; under fsdp/hsdp the others help
+        gather them)."""
+        model = self.whole_model()
+        if not self.logging:
+            return
+        val = validation_loss(model, self.val_batches, self.cfg, self.device)
         self.metrics.update(val)
         self.logger.log(self.state.step, val)
         log0(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
@@ -591,12 +641,29 @@ class Trainer:
             raise Diverged(f"the validation loss at step {self.state.step} is {val['val/loss']}; no checkpoint "
                            "of it was written. Resume from the newest checkpoint with a lower --train.lr")
 
-    def ema_model(self) -> MMDiT:
-        """A model holding the current EMA weights (built on first use)."""
-        if self._ema_model is None:
+    def whole_model(self) -> MMDiT | None:
+        """The trained weights as a plain model: the model itself under ddp; under fsdp/hsdp a copy on the
+        first model rank, gathered with every model rank's help (the others get None)."""
+        if not self.sharded:
+            return self.model
+        if self.logging and self._whole_model is None:
+            self._whole_model = MMDiT(self.cfg.model).to(self.device)
+        target = dict(self._whole_model.named_parameters()) if self.logging else {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                whole = full_tensor(p)
+                if self.logging:
+                    target[clean_name(name)].copy_(whole)
+        return self._whole_model
+
+    def ema_model(self, *, everywhere: bool = True) -> MMDiT | None:
+        """A model holding the current EMA weights (built on first use). Under fsdp/hsdp every model rank
+        must call it; with everywhere=False only the first model rank gets the model (the others None)."""
+        keep = everywhere or self.logging or not self.sharded
+        if keep and self._ema_model is None:
             self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
-        self.ema.copy_to(self._ema_model)
-        return self._ema_model
+        self.ema.copy_to(self._ema_model if keep else None)
+        return self._ema_model if keep else None
 
     def ae(self):
         """The autoencoder that decodes generated latents (loaded on first use)."""
@@ -604,13 +671,17 @@ class Trainer:
             self._ae = self.autoencoder()
         return self._ae
 
-    def sample(self) -> Path:
-        """This step's sample grid, drawn once: the end of a run whose last step was a sample step reuses it."""
+    def sample(self) -> Path | None:
+        """This step's sample grid (written by the first model rank, which gets its path), drawn once: the
+        end of a run whose last step was a sample step reuses it."""
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
-        if self._sampled_step != self.state.step or not path.is_file():
-            sample_grid(self.ema_model(), self.prompts[0], self.ae(), self.cfg, path)
+        fresh = self._sampled_step == self.state.step and (self.sharded or path.is_file())
+        if not fresh:
+            model = self.ema_model(everywhere=False)
+            if self.logging:
+                sample_grid(model, self.prompts[0], self.ae(), self.cfg, path)
             self._sampled_step = self.state.step
-        return path
+        return path if self.logging else None
 
     def evaluate(self) -> None:
         """FID (KID, CLIP score) of the EMA weights on the evaluation rows: every model rank takes part."""
@@ -624,17 +695,32 @@ class Trainer:
                        f"{result['eval/seconds']:.0f} s)")
 
     def save(self, blocking: bool = False) -> None:
-        """A checkpoint of this step, unless the step was bad: none is written from a bad stretch."""
+        """A checkpoint of this step, unless the step was bad: none is written from a bad stretch. The first
+        model rank writes it; under fsdp/hsdp every model rank calls this (the tensors are gathered)."""
         if not self.guard.clean():
             print0(f"step {self.state.step}: no checkpoint (the last {int(self.guard.bad_run)} steps were bad)")
             return
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+        if not self.weights_finite():
             raise Diverged(f"the weights are not finite at step {self.state.step}; no checkpoint of them was "
                            "written. Resume from the newest checkpoint with a lower --train.lr")
         self.guard.save_to(self.state)
-        train_state = {"optimizer": self.optimizer.state_dict(), **self.state.state_dict()}
-        self.last_saved = self.writer.save(self.state.step, model=self.model, ema_state=self.ema.state_dict(),
+        model_state = full_state(self.model.state_dict(), keep=self.logging)
+        ema_state = self.ema.state_dict()
+        optimizer_state = full_state(self.optimizer.state_dict(), keep=self.logging)
+        self.saved_step = self.state.step
+        if not self.logging:
+            return
+        train_state = {"optimizer": optimizer_state, **self.state.state_dict()}
+        self.last_saved = self.writer.save(self.state.step, model_state=model_state, ema_state=ema_state,
                                            cfg=self.cfg, train_state=train_state, blocking=blocking)
+
+    def weights_finite(self) -> bool:
+        """Whether every weight is finite (under fsdp/hsdp: on every model rank's shard)."""
+        finite = torch.stack([torch.isfinite(local(p)).all() for p in self.model.parameters()]).all()
+        if self.sharded:
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.rt.model_group)
+        return bool(finite)
 
 
 def run_trainer(cfg: Config, rt: Runtime, stop: StopSignal, source: BatchSource, *, start_step: int,
