@@ -207,3 +207,17 @@ def test_text_tokens_are_not_rotated(small_model_cfg):
     perm = torch.randperm(x["text"][0].shape[1])
     shuffled = (x["text"][0][:, perm], x["text"][1])
     torch.testing.assert_close(model(**{**x, "text": shuffled}), model(**x), rtol=1e-5, atol=1e-5)
+
+
+def test_learnable_scalars_are_one_element_tensors_and_load_from_0d(small_model_cfg):
+    """FSDP2 shards no 0-d parameter, so the learnable scalars are 1-element tensors; a state dict that
+    holds them 0-d (as other checkpoints store scalars) loads strictly into the same weights."""
+    model = perturbed(small_model_cfg)
+    scalars = {name: p for name, p in model.named_parameters() if p.numel() == 1}
+    assert set(scalars) == {"txt_in.0.scale", "txt_in.1.scale", "time_in.time_scale"}
+    assert all(p.shape == (1,) for p in scalars.values())
+    state = {k: v.reshape(()) if k in scalars else v for k, v in model.state_dict().items()}
+    fresh = MMDiT(small_model_cfg)
+    fresh.load_state_dict(state, strict=True)
+    x = inputs(small_model_cfg)
+    torch.testing.assert_close(fresh(**x), model(**x))

@@ -338,6 +338,14 @@ class MetricsWindow:
 # ---------------------------------------------------------------------------------------------------
 
 
+def empty_model(cfg: Config, device: torch.device) -> MMDiT:
+    """An MMDiT whose weights are about to be overwritten: built on the meta device, then given memory on
+    `device` without initialising it (the model has no buffers)."""
+    with torch.device("meta"):
+        model = MMDiT(cfg.model)
+    return model.to_empty(device=device)
+
+
 def validation_times(cfg: FlowConfig, img_tokens: int, n: int = 8) -> Tensor:
     """The n quantiles (i + 1/2) / n of the training t distribution (stratified fixed-t evaluation,
     as MLPerf's text-to-image benchmark and torchtitan's FLUX validation do)."""
@@ -464,7 +472,7 @@ class Trainer:
         extras = source.startup(kinds) if kinds else {}
         self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
         self.has_prompts, self.has_validation = self.shared_flags(bool(self.prompts), bool(self.val_batches))
-        self.autoencoder, self._ema_model, self._whole_model, self._ae = autoencoder, None, None, None
+        self.autoencoder, self._ema_model, self._ae = autoencoder, None, None
         self._sampled_step: int | None = None  # the step of the newest sample grid (a run's last is not redrawn)
         self.evaluator = None
         if cfg.log.eval_every:
@@ -643,27 +651,31 @@ class Trainer:
 
     def whole_model(self) -> MMDiT | None:
         """The trained weights as a plain model: the model itself under ddp; under fsdp/hsdp a copy on the
-        first model rank, gathered with every model rank's help (the others get None)."""
+        first model rank, gathered with every model rank's help (the others get None). The copy is not
+        kept: no rank holds a whole one between uses."""
         if not self.sharded:
             return self.model
-        if self.logging and self._whole_model is None:
-            self._whole_model = MMDiT(self.cfg.model).to(self.device)
-        target = dict(self._whole_model.named_parameters()) if self.logging else {}
+        model = empty_model(self.cfg, self.device) if self.logging else None
+        target = dict(model.named_parameters()) if self.logging else {}
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 whole = full_tensor(p)
                 if self.logging:
                     target[clean_name(name)].copy_(whole)
-        return self._whole_model
+        return model
 
     def ema_model(self, *, everywhere: bool = True) -> MMDiT | None:
-        """A model holding the current EMA weights (built on first use). Under fsdp/hsdp every model rank
-        must call it; with everywhere=False only the first model rank gets the model (the others None)."""
-        keep = everywhere or self.logging or not self.sharded
-        if keep and self._ema_model is None:
-            self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
-        self.ema.copy_to(self._ema_model if keep else None)
-        return self._ema_model if keep else None
+        """A model holding the current EMA weights. Under ddp it is built once and refreshed; under
+        fsdp/hsdp every model rank must call this (the weights are gathered), a new copy is made for each
+        use, and with everywhere=False only the first model rank gets one (the others None)."""
+        if not self.sharded:
+            if self._ema_model is None:
+                self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
+            self.ema.copy_to(self._ema_model)
+            return self._ema_model
+        model = empty_model(self.cfg, self.device).eval() if everywhere or self.logging else None
+        self.ema.copy_to(model)
+        return model
 
     def ae(self):
         """The autoencoder that decodes generated latents (loaded on first use)."""
