@@ -37,13 +37,16 @@ def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], add_help=False,
         epilog="Dotted overrides such as --train.lr=3e-4 set any config field; --help lists them.")
-    parser.add_argument("--preset", default="tiny", help="tiny, sd3_256, sd3_512 or sd3_1024")
+    parser.add_argument("--preset", default="tiny", help="tiny, sd3_256, sd3_512, sd3_1024 or sd3_large")
     parser.add_argument("--run_dir", help="shortcut for --run_dir: where checkpoints and samples go")
     parser.add_argument("--steps", type=int, help="shortcut for --train.steps (optimizer steps)")
     parser.add_argument("--resume", help="'auto' (latest whole checkpoint of run_dir, if any) or a checkpoint dir")
     parser.add_argument("--init_from", help="a checkpoint whose weights (model and EMA) start this run")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the resolved config, a per-GPU memory estimate and the parameter count, then exit")
+    parser.add_argument("--model_ranks", type=int,
+                        help="with --dry-run: the number of model ranks to estimate for (default: the rank map's; "
+                             "one node's when the map is generated per node)")
     parser.add_argument("-h", "--help", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     if args.help:
@@ -67,12 +70,19 @@ def parse(argv: list[str] | None):
     return args, cfg
 
 
-def dry_run(cfg) -> None:
+def dry_run(cfg, model_ranks: int | None = None) -> None:
     from sd3.model.mmdit import count_parameters
-    from sd3.train.memory import estimate, format_report
+    from sd3.train.memory import estimate, format_report, model_rank_count, shard_count
 
+    n = model_ranks or model_rank_count(cfg)
+    shards = shard_count(cfg, cfg.train.parallel, n)
+    if n < 1 or (cfg.train.parallel != "ddp" and (n < 2 or shards < 2 or n % shards or
+                                                  (cfg.train.parallel == "hsdp" and shards == n))):
+        raise ConfigError(f"--dry-run at {n} model ranks: train.parallel={cfg.train.parallel} cannot shard over them "
+                          f"(shard groups of {shards}); give --model_ranks a count it divides into groups of >= 2, "
+                          "or another --train.parallel")
     print(json.dumps(to_dict(cfg), indent=2))
-    print(format_report(estimate(cfg, stand_in_configs=stand_ins.stand_in_configs)))
+    print(format_report(estimate(cfg, stand_in_configs=stand_ins.stand_in_configs, model_ranks=n)))
     print(f"parameters: {count_parameters(cfg.model)}")  # the last line: scripts read it
 
 
@@ -113,7 +123,7 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(argv)
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, args.model_ranks)
         return 0
     ranks = rank_map_from_env(cfg)  # a bad map fails here, before any process group or model exists
     stop = StopSignal()

@@ -243,6 +243,38 @@ def test_dry_run_prints_the_estimate_before_the_parameter_count(capsys):
     assert gib(out, "activations, checkpointing off") > 10 * gib(out, "activations, checkpointing on")
 
 
+def test_the_dry_run_shows_each_mode_at_the_model_ranks_given(capsys):
+    """Sharding divides the training state by the shard count; the SD3.5-Large-sized preset (built on the
+    meta device: nothing is allocated) fits an 80 GB GPU sharded over one node's 6 model ranks, never as ddp."""
+    assert train.main(["--preset", "sd3_large", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    n = int(out.strip().splitlines()[-1].split()[-1])
+    assert 6e9 <= n <= 10e9
+    assert "train.parallel=fsdp at 6 model ranks" in out
+    fsdp = next(x for x in out.splitlines() if "total with train.parallel=fsdp (configured) at 6 model ranks" in x)
+    ddp = next(x for x in out.splitlines() if "total with train.parallel=ddp at 6 model ranks" in x)
+    assert "fits an 80 GB GPU" in fsdp and "NOT" not in fsdp and "does NOT fit" in ddp
+    sixth = gib(out, "AdamW moments (2 x fp32, 1/6 of it)")
+    assert sixth == pytest.approx(2 * 4 * n / 6 / 2**30, abs=1e-3)
+    assert "first model rank's host memory" in out
+
+    assert train.main(["--preset", "sd3_large", "--dry-run", "--model_ranks", "12", "--train.parallel=hsdp"]) == 0
+    out = capsys.readouterr().out
+    assert gib(out, "AdamW moments (2 x fp32, 1/6 of it)") == pytest.approx(sixth, abs=1e-3)   # 6 per node
+    assert "total with train.parallel=fsdp at 12 model ranks (sharded over all 12)" in out
+    assert "total with train.parallel=hsdp (configured) at 12 model ranks (sharded over 6, 2 copies)" in out
+
+    assert train.main(["--preset", "sd3_256", "--dry-run"]) == 0     # ddp: the whole state, as before
+    out = capsys.readouterr().out
+    assert gib(out, "AdamW moments (2 x fp32)") == pytest.approx(2 * 4 * 1221781763 / 2**30, abs=1e-3)
+    assert "total with train.parallel=ddp (configured) at 6 model ranks" in out
+
+
+def test_the_dry_run_refuses_a_count_the_mode_cannot_shard():
+    with pytest.raises(train.ConfigError, match=r"--dry-run at 1 model ranks: train.parallel=fsdp cannot shard"):
+        train.main(["--preset", "sd3_large", "--dry-run", "--model_ranks", "1"])
+
+
 def gib(report: str, label: str) -> float:
     """The figure on the report line that starts with `label`."""
     line = next(x for x in report.splitlines() if x.strip().startswith(label))

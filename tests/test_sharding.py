@@ -69,6 +69,10 @@ def weights(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(list_checkpoints(run_dir)[-1][1] / name)
 
 
+def validation(out: str) -> list[float]:
+    return [float(x) for x in re.findall(r"validation loss ([0-9.]+)", out)]
+
+
 def losses(out: str) -> list[float]:
     return [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([0-9.]+)", out, flags=re.M)]
 
@@ -84,12 +88,14 @@ COMMON = ["--train.accumulation_steps=2", "--train.ema_every=1", "--train.activa
 def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tiny_args, tmp_path):
     rc, out = run(tiny_args(tmp_path / "ddp", "--steps", "4", "--train.parallel=ddp", *COMMON))
     assert rc == 0, out[-3000:]
-    ddp_losses = losses(out)
+    ddp_losses, ddp_out = losses(out), out
     rc, out = run(tiny_args(tmp_path / "fsdp", "--steps", "4", "--train.parallel=fsdp", *COMMON))
     assert rc == 0, out[-3000:]
     assert "on 2 model rank(s) (fsdp: each holds 1/2 of the model)" in out, out[-3000:]
     assert len(losses(out)) == 4 and losses(out) == pytest.approx(ddp_losses, rel=1e-4), (losses(out), ddp_losses)
-    assert "validation loss" in out
+    # Validation and the final sample grid ran through the sharded model on every model rank.
+    assert validation(out) == pytest.approx(validation(ddp_out), rel=1e-4) and len(validation(out)) == 2
+    assert "sample grid:" in out and list((tmp_path / "fsdp" / "samples").glob("step_00000004.png"))
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = weights(tmp_path / "ddp", name), weights(tmp_path / "fsdp", name)
         assert a.keys() == b.keys()

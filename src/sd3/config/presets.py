@@ -87,6 +87,18 @@ def _sd3(stage_res: int, batch_size: int, steps: int) -> Config:
     return cfg
 
 
+def _sd3_large() -> Config:
+    """Stage 1 at an SD3.5-Large-like shape (depth 38, width 2432, 38 heads of 64; arXiv 2403.03206 and the
+    SD3.5 Large model card): 9.8 B parameters with this project's SwiGLU 4.0. Too large for a whole copy
+    per model GPU: it trains sharded (train.parallel=fsdp, see --dry-run)."""
+    cfg = _sd3(256, 32, 300_000)
+    cfg.preset = "sd3_large"
+    cfg.run_dir = "runs/sd3_large"
+    cfg.model.depth, cfg.model.width, cfg.model.num_heads = 38, 2432, 38
+    cfg.train.parallel = "fsdp"
+    return cfg
+
+
 def _tiny() -> Config:
     """CPU demo: random-init stand-in encoders, the pixel autoencoder, the bundled demo photos."""
     cfg = Config()
@@ -123,6 +135,7 @@ PRESETS = {
     "sd3_256": lambda: _sd3(256, 140, 300_000),
     "sd3_512": lambda: _sd3(512, 40, 400_000),
     "sd3_1024": lambda: _sd3(1024, 15, 100_000),
+    "sd3_large": _sd3_large,
 }
 
 

@@ -106,17 +106,18 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
         block.compile(backend=backend)
 
 
-def apply_fsdp(model: nn.Module, cfg: TrainConfig, mesh: DeviceMesh) -> None:
+def apply_fsdp(model: nn.Module, cfg: TrainConfig, mesh: DeviceMesh, *, inference: bool = False) -> None:
     """Shard every block (patch-mixer blocks too), then the root (embedders, final layer). Under bf16 the
     gathered weights are bf16 for compute and gradients are reduced in fp32; the sharded master weights
-    and the optimizer state stay fp32."""
+    and the optimizer state stay fp32. A model for inference only (no backward) frees every gathered
+    block after its forward. Works on a model on the meta device (then `to_empty`)."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if cfg.precision == "bf16" else MixedPrecisionPolicy()
     for block in (*model.mixer, *model.blocks):
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=inference or cfg.reshard_after_forward)
     # The root's parameters are used last in the forward and first in the backward: never resharded
-    # after the forward (as torchtitan).
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    # after the forward in training (as torchtitan).
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=inference)
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup | None,
@@ -199,12 +200,14 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
 
 
 def full_state(obj, *, keep: bool = True):
-    """A nested dict/list of tensors with every DTensor made whole (a collective per DTensor, in the
-    same order on every rank). keep=False only takes part in the gathering and returns None, so a rank
-    that does not write the result never holds all of it at once."""
+    """A nested dict/list of tensors with every DTensor made whole, in host memory (a collective per
+    DTensor, in the same order on every rank; each whole tensor leaves the device at once). keep=False only
+    takes part in the gathering and returns None, so a rank that does not write the result never holds it."""
     if isinstance(obj, Tensor):
-        whole = full_tensor(obj)
-        return whole if keep else None
+        if not isinstance(obj, DTensor):
+            return obj if keep else None
+        whole = obj.full_tensor()
+        return whole.cpu() if keep else None
     if isinstance(obj, dict):
         out = {k: full_state(v, keep=keep) for k, v in obj.items()}
     elif isinstance(obj, (list, tuple)):

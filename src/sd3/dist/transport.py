@@ -169,6 +169,30 @@ def unpack(meta: dict, tensors: list[Tensor]) -> Batch:
                  rows=info[n])
 
 
+def broadcast_batches(batches: list[Batch], *, src: int, group, device: torch.device) -> list[Batch]:
+    """`src`'s batches on every rank of `group` (src passes its own, the others get copies): each batch
+    travels in the wire format, header first."""
+    is_src = dist.get_rank() == src
+    count = torch.tensor([len(batches) if is_src else 0], device=device)
+    dist.broadcast(count, src=src, group=group)
+    out = []
+    for i in range(int(count)):
+        if is_src:
+            tensors = pack(batches[i].to(device))
+            for t in tensors:
+                dist.broadcast(t, src=src, group=group)
+            out.append(batches[i])
+            continue
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
+        dist.broadcast(header, src=src, group=group)
+        meta = read_header(header.cpu(), src)
+        rest = empty_tensors(meta, device)
+        for t in rest:
+            dist.broadcast(t, src=src, group=group)
+        out.append(unpack(meta, rest))
+    return out
+
+
 def wire_bytes(tensors: list[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

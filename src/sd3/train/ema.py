@@ -43,9 +43,17 @@ class EMA:
                                    stride=p.stride())
         return full_tensor(shard)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Name -> whole fp32 tensor (under fsdp/hsdp: gathered; every model rank must call it)."""
-        return {name: self._whole(i) for i, name in enumerate(self.names)}
+    def state_dict(self, *, keep: bool = True) -> dict[str, Tensor] | None:
+        """Name -> whole fp32 tensor. Under fsdp/hsdp every model rank must call it: the tensors are gathered
+        into host memory one by one, and keep=False only takes part (returns None)."""
+        if not any(isinstance(p, DTensor) for p in self.params):
+            return dict(zip(self.names, self.shadow)) if keep else None
+        state = {}
+        for i, name in enumerate(self.names):
+            whole = self._whole(i)
+            if keep:
+                state[name] = whole.cpu()
+        return state if keep else None
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:

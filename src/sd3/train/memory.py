@@ -523,15 +523,75 @@ def models_per_loader(cfg: Config) -> int:
     return cfg.ranks.models_per_loader
 
 
-def estimate(cfg: Config, *, stand_in_configs=None) -> Estimate:
-    """Per-GPU peak memory of `cfg` on CUDA (the configured precision and checkpointing, both shown)."""
+def model_rank_count(cfg: Config) -> int:
+    """The model ranks the rank map gives: those of `ranks.loader_to_model`, else one node's."""
+    if cfg.ranks.loader_to_model:
+        return sum(len(v) for v in cfg.ranks.loader_to_model.values())
+    return cfg.ranks.loaders_per_node * cfg.ranks.models_per_loader
+
+
+def shard_count(cfg: Config, parallel: str, model_ranks: int) -> int:
+    """Over how many model ranks each tensor of the training state is split under `parallel`."""
+    if parallel == "fsdp":
+        return model_ranks
+    if parallel == "hsdp":
+        return cfg.train.hsdp_shard_size or min(model_ranks, model_rank_count(cfg))
+    return 1
+
+
+def _state_lines(cfg: Config, parallel: str, shards: int, *, n_params: int, weights: float, root: float,
+                 largest_block: float) -> list[Line]:
+    """The training state on one model rank: everything split `shards` ways, plus, when sharded, the
+    weights gathered for compute and the gradients before their reduce-scatter."""
+    t = cfg.train
+    part = "" if shards == 1 else f", 1/{shards} of it"
+    ema_on_gpu = t.ema_device != "cpu"
+    lines = [
+        Line(f"weights (fp32 master, {n_params:,} parameters{part})", weights / shards),
+        Line(f"gradients (fp32{part})", weights / shards),
+        Line(f"AdamW moments (2 x fp32{part})", 2 * weights / shards),
+        Line("EMA (fp32" + (f", on the model GPU{part})" if ema_on_gpu else "; train.ema_device=cpu: host memory)"),
+             weights / shards if ema_on_gpu else 0.0),
+    ]
+    if shards == 1:
+        lines.append(Line("sample-grid model (fp32; first model rank only)", weights))
+    else:
+        lines.append(Line(f"sample-grid model (the EMA in shards like the weights, while sampling{part})",
+                          weights / shards))
+    if cfg.log.eval_every:
+        lines.append(Line("in-training evaluation: a whole EMA copy on every model rank (fp32, while evaluating)",
+                          weights if shards > 1 else 0.0))
+    if shards > 1:
+        compute = 0.5 if t.precision == "bf16" else 1.0      # bf16 gathers half the bytes of the fp32 shards
+        blocks = 2 if t.reshard_after_forward else cfg.model.depth + cfg.model.mixer_depth
+        held = "2 blocks (computing + prefetched)" if t.reshard_after_forward else \
+            "every block (train.reshard_after_forward=false)"
+        lines.append(Line(f"gathered weights for compute ({held} + embedders and final layer, "
+                          f"{'bf16' if compute == 0.5 else 'fp32'})", compute * (blocks * largest_block + root)))
+        lines.append(Line("whole gradients of 2 blocks before their reduce-scatter (fp32)", 2 * largest_block))
+    return lines
+
+
+def estimate(cfg: Config, *, stand_in_configs=None, model_ranks: int | None = None) -> Estimate:
+    """Per-GPU peak memory of `cfg` on CUDA (the configured precision and checkpointing, both shown), at
+    `model_ranks` model ranks (default: `model_rank_count`); the training state is shown for the
+    configured `train.parallel`, and the totals for every mode."""
     from sd3.model.mmdit import MMDiT
 
     m, t, d, e = cfg.model, cfg.train, cfg.data, cfg.encoders
+    n_model = model_ranks or model_rank_count(cfg)
     with torch.device("meta"):
-        params = list(MMDiT(m).parameters())
+        meta = MMDiT(m)
+    params = list(meta.parameters())
     n_params = sum(p.numel() for p in params)
     weights = float(sum(p.numel() * p.element_size() for p in params))     # fp32 master weights
+
+    def nbytes(module) -> float:
+        return float(sum(p.numel() * p.element_size() for p in module.parameters()))
+
+    block_bytes = [nbytes(b) for b in (*meta.mixer, *meta.blocks)]
+    sizes = dict(n_params=n_params, weights=weights, root=weights - sum(block_bytes),
+                 largest_block=max(block_bytes))
     side = m.max_res // cfg.latent_factor                                   # latent side
     img_tokens = (side // m.patch_size) ** 2
     txt_tokens = tuple(e.max_tokens for _ in m.text_dims)
@@ -544,16 +604,8 @@ def estimate(cfg: Config, *, stand_in_configs=None) -> Estimate:
     batch_bytes = B * (m.in_channels * side * side + sum(L * w for L, w in zip(txt_tokens, m.text_dims))
                        + m.pooled_dim) * enc_bytes
     in_flight = (d.prefetch + 1) * batch_bytes
-    ema_on_gpu = t.ema_device != "cpu"
-    state = [
-        Line(f"weights (fp32 master, {n_params:,} parameters)", weights),
-        Line("gradients (fp32)", weights),
-        Line("AdamW moments (2 x fp32)", 2 * weights),
-        Line("EMA (fp32" + (", on the model GPU)" if ema_on_gpu else "; train.ema_device=cpu: host memory)"),
-             weights if ema_on_gpu else 0.0),
-        Line("sample-grid model (fp32; first model rank only)", weights),
-        Line(f"batches in flight ({d.prefetch} + 1 of {B} samples)", in_flight),
-    ]
+    shared = [Line(f"batches in flight ({d.prefetch} + 1 of {B} samples)", in_flight)]
+    state = _state_lines(cfg, t.parallel, shard_count(cfg, t.parallel, n_model), **sizes) + shared
     state_b = sum(x.bytes for x in state)
     model_lines = list(state)
     totals = {}
@@ -569,6 +621,19 @@ def estimate(cfg: Config, *, stand_in_configs=None) -> Estimate:
         mark = " (configured)" if ckpt == configured else ""
         model_lines.append(Line(f"total, checkpointing {'on' if ckpt else 'off'}{mark}", total, _fits(total)))
     model_total = totals[configured] + _allowance(totals[configured])
+    for parallel in ("ddp", "fsdp", "hsdp"):
+        shards = shard_count(cfg, parallel, n_model)
+        if parallel != "ddp" and (n_model < 2 or n_model % shards or shards < 2 or
+                                  (parallel == "hsdp" and shards == n_model)):
+            continue      # a shape that cannot shard (train.py refuses it)
+        mode_state = sum(x.bytes for x in _state_lines(cfg, parallel, shards, **sizes) + shared)
+        mode_total = mode_state + acts[configured].peak
+        mode_total += _allowance(mode_total)
+        how = {"ddp": "whole model on every rank", "fsdp": f"sharded over all {n_model}",
+               "hsdp": f"sharded over {shards}, {n_model // shards} copies"}[parallel]
+        mark = " (configured)" if parallel == t.parallel else ""
+        model_lines.append(Line(f"total with train.parallel={parallel}{mark} at {n_model} model ranks ({how})",
+                                mode_total, _fits(mode_total)))
 
     loader_lines, published, unknown = _loader(cfg, models_per_loader(cfg), stand_in_configs, txt_tokens=txt_tokens,
                                                batch_bytes=batch_bytes, sends=True)
@@ -580,14 +645,19 @@ def estimate(cfg: Config, *, stand_in_configs=None) -> Estimate:
     # World size 1: the same process encodes batch_size rows and trains on them; nothing is sent.
     colocated_loader = _loader(cfg, 1, stand_in_configs, txt_tokens=txt_tokens, batch_bytes=batch_bytes,
                                sends=False)[0]
-    colocated = totals[configured] + sum(x.bytes for x in colocated_loader)
+    whole_state = sum(x.bytes for x in _state_lines(cfg, "ddp", 1, **sizes) + shared)   # one rank: no sharding
+    colocated = whole_state + acts[configured].peak + sum(x.bytes for x in colocated_loader)
 
     feeds = models_per_loader(cfg)
     model_title = (f"model GPU: micro-batch {B} at the largest bucket ({m.max_res}x{m.max_res} px = {img_tokens} "
-                   f"image tokens) + {' + '.join(map(str, txt_tokens))} text tokens, {nx.name}")
+                   f"image tokens) + {' + '.join(map(str, txt_tokens))} text tokens, {nx.name}, "
+                   f"train.parallel={t.parallel} at {n_model} model ranks")
     loader_title = (f"loader GPU: {B * feeds} captions and images per step ({B} x {feeds} model ranks), "
                     f"encoders in {e.dtype}")
     notes = []
+    if t.parallel != "ddp":
+        notes.append(f"a checkpoint save gathers whole tensors (weights, EMA, both moments: {4 * weights / GIB:.1f} "
+                     "GiB) into the first model rank's host memory, one tensor at a time through its GPU")
     if published:
         notes.append("* parameter count from published configs (constants in sd3/train/memory.py), not read from "
                      "the model")

@@ -44,10 +44,9 @@ from sd3.diffusion.pipeline import generate_latents, make_grid, to_pil
 from sd3.dist.batch import Batch
 from sd3.dist.parallel import (
     SHARDED,
-    clean_name,
+    apply_fsdp,
     clip_grad_norm_,
     full_state,
-    full_tensor,
     gradient_sync,
     local,
     parallelize,
@@ -55,7 +54,15 @@ from sd3.dist.parallel import (
 )
 from sd3.dist.runtime import Runtime, StopSignal
 from sd3.dist.sources import BatchSource
-from sd3.dist.transport import EVAL, PROMPTS, VALIDATION, TransportError, peer_died, peer_error
+from sd3.dist.transport import (
+    EVAL,
+    PROMPTS,
+    VALIDATION,
+    TransportError,
+    broadcast_batches,
+    peer_died,
+    peer_error,
+)
 from sd3.model.mmdit import MMDiT, train_flops_per_sample
 from sd3.paths import resolve
 from sd3.train.ema import EMA
@@ -385,18 +392,27 @@ def validation_loss(model: MMDiT, batches: list[Batch], cfg: Config, device: tor
     return out
 
 
-def sample_grid(model: MMDiT, prompts: Batch, ae, cfg: Config, path: Path) -> Path:
-    """Sample every prompt at max_res x max_res with the configured sampler settings and the schedule
-    shift training used at that size; save a grid."""
+def sample_latents(model: MMDiT, prompts: Batch, cfg: Config) -> Tensor:
+    """Sample every prompt at max_res x max_res with the configured sampler settings and the schedule shift
+    training used at that size."""
     cond = cond_of(prompts.to(next(model.parameters()).device))
-    res, p = cfg.model.max_res, cfg.model.patch_size
-    shift = shift_for(cfg.flow, (res // ae.factor // p) ** 2)
-    latents = generate_latents(model, cond=cond, uncond=None, width=res, height=res, latent_factor=ae.factor,
-                               steps=cfg.log.sample_steps, guidance=cfg.log.sample_cfg, sampler="euler",
-                               seed=cfg.train.seed, shift=shift, precision=cfg.train.precision)
+    res, p, factor = cfg.model.max_res, cfg.model.patch_size, cfg.latent_factor
+    shift = shift_for(cfg.flow, (res // factor // p) ** 2)
+    return generate_latents(model, cond=cond, uncond=None, width=res, height=res, latent_factor=factor,
+                            steps=cfg.log.sample_steps, guidance=cfg.log.sample_cfg, sampler="euler",
+                            seed=cfg.train.seed, shift=shift, precision=cfg.train.precision)
+
+
+def save_grid(latents: Tensor, ae, cfg: Config, path: Path) -> Path:
+    """Decode the latents and save them as a grid, each tile labelled with its prompt."""
     path.parent.mkdir(parents=True, exist_ok=True)
     make_grid(to_pil(ae.decode(latents)), captions=list(cfg.log.sample_prompts)).save(path)
     return path
+
+
+def sample_grid(model: MMDiT, prompts: Batch, ae, cfg: Config, path: Path) -> Path:
+    """A sample grid of every prompt (`sample_latents`), saved to `path`."""
+    return save_grid(sample_latents(model, prompts, cfg), ae, cfg, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -471,7 +487,11 @@ class Trainer:
         kinds = ((PROMPTS, VALIDATION) if self.logging else ()) + ((EVAL,) if cfg.log.eval_every else ())
         extras = source.startup(kinds) if kinds else {}
         self.prompts, self.val_batches = extras.get(PROMPTS, []), extras.get(VALIDATION, [])
-        self.has_prompts, self.has_validation = self.shared_flags(bool(self.prompts), bool(self.val_batches))
+        if self.sharded:  # every model rank runs the sharded model through what the first runs alone under ddp
+            first = rt.ranks.model_ranks[0]
+            self.prompts, self.val_batches = (broadcast_batches(b, src=first, group=rt.model_group, device=rt.device)
+                                              for b in (self.prompts, self.val_batches))
+        self.has_prompts, self.has_validation = bool(self.prompts), bool(self.val_batches)
         self.autoencoder, self._ema_model, self._ae = autoencoder, None, None
         self._sampled_step: int | None = None  # the step of the newest sample grid (a run's last is not redrawn)
         self.evaluator = None
@@ -626,56 +646,43 @@ class Trainer:
     def images_per_step(self) -> int:
         return self.cfg.train.accumulation_steps * self.cfg.data.batch_size * len(self.rt.ranks.model_ranks)
 
-    def shared_flags(self, *flags: bool) -> tuple[bool, ...]:
-        """The first model rank's flags on every model rank (under fsdp/hsdp all of them join what it does
-        alone under ddp: validation and sample grids need the gathered weights)."""
-        if not self.sharded:
-            return flags
-        values = torch.tensor([int(f) for f in flags])
-        dist.broadcast(values, src=self.rt.ranks.model_ranks[0], group=self.rt.model_ctrl_group)
-        return tuple(bool(v) for v in values)
-
     def validate(self) -> None:
-        """The validation loss of the trained weights (first model rank; under fsdp/hsdp the others help
-        gather them)."""
-        model = self.whole_model()
-        if not self.logging:
-            return
-        val = validation_loss(model, self.val_batches, self.cfg, self.device)
+        """The validation loss of the trained weights: the first model rank alone under ddp; under
+        fsdp/hsdp every model rank runs the same batches through the sharded model."""
+        val = validation_loss(self.model, self.val_batches, self.cfg, self.device)
         self.metrics.update(val)
-        self.logger.log(self.state.step, val)
-        log0(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
+        if self.logging:
+            self.logger.log(self.state.step, val)
+            log0(f"step {self.state.step}: validation loss {val['val/loss']:.4f}")
         if not math.isfinite(val["val/loss"]):
             raise Diverged(f"the validation loss at step {self.state.step} is {val['val/loss']}; no checkpoint "
                            "of it was written. Resume from the newest checkpoint with a lower --train.lr")
 
-    def whole_model(self) -> MMDiT | None:
-        """The trained weights as a plain model: the model itself under ddp; under fsdp/hsdp a copy on the
-        first model rank, gathered with every model rank's help (the others get None). The copy is not
-        kept: no rank holds a whole one between uses."""
-        if not self.sharded:
-            return self.model
-        model = empty_model(self.cfg, self.device) if self.logging else None
-        target = dict(model.named_parameters()) if self.logging else {}
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                whole = full_tensor(p)
-                if self.logging:
-                    target[clean_name(name)].copy_(whole)
-        return model
-
-    def ema_model(self, *, everywhere: bool = True) -> MMDiT | None:
-        """A model holding the current EMA weights. Under ddp it is built once and refreshed; under
-        fsdp/hsdp every model rank must call this (the weights are gathered), a new copy is made for each
-        use, and with everywhere=False only the first model rank gets one (the others None)."""
+    def ema_model(self) -> MMDiT:
+        """A plain model holding the current EMA weights. Under ddp it is built once and refreshed; under
+        fsdp/hsdp every model rank must call this (the weights are gathered) and gets a new whole copy,
+        dropped after use (in-training evaluation: each rank generates its own share)."""
         if not self.sharded:
             if self._ema_model is None:
                 self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
             self.ema.copy_to(self._ema_model)
             return self._ema_model
-        model = empty_model(self.cfg, self.device).eval() if everywhere or self.logging else None
+        model = empty_model(self.cfg, self.device).eval()
         self.ema.copy_to(model)
         return model
+
+    def sharded_ema_model(self) -> MMDiT:
+        """fsdp/hsdp: the EMA weights in a model sharded like the trained one (each rank fills its own
+        shards from its EMA, no communication), for every model rank to run in step: no whole copy."""
+        with torch.device("meta"):
+            model = MMDiT(self.cfg.model)
+        apply_fsdp(model, self.cfg.train, self.rt.mesh, inference=True)
+        model.to_empty(device=self.device)
+        shadow = dict(zip(self.ema.names, self.ema.shadow))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                local(p).copy_(shadow[name])
+        return model.eval()
 
     def ae(self):
         """The autoencoder that decodes generated latents (loaded on first use)."""
@@ -684,14 +691,16 @@ class Trainer:
         return self._ae
 
     def sample(self) -> Path | None:
-        """This step's sample grid (written by the first model rank, which gets its path), drawn once: the
-        end of a run whose last step was a sample step reuses it."""
+        """This step's sample grid from the EMA weights, written by the first model rank (which gets its
+        path; under fsdp/hsdp every model rank samples in step through the sharded EMA model), drawn once:
+        the end of a run whose last step was a sample step reuses it."""
         path = self.run_dir / "samples" / f"step_{self.state.step:08d}.png"
         fresh = self._sampled_step == self.state.step and (self.sharded or path.is_file())
         if not fresh:
-            model = self.ema_model(everywhere=False)
+            model = self.sharded_ema_model() if self.sharded else self.ema_model()
+            latents = sample_latents(model, self.prompts[0], self.cfg)
             if self.logging:
-                sample_grid(model, self.prompts[0], self.ae(), self.cfg, path)
+                save_grid(latents, self.ae(), self.cfg, path)
             self._sampled_step = self.state.step
         return path if self.logging else None
 
@@ -717,7 +726,7 @@ class Trainer:
                            "written. Resume from the newest checkpoint with a lower --train.lr")
         self.guard.save_to(self.state)
         model_state = full_state(self.model.state_dict(), keep=self.logging)
-        ema_state = self.ema.state_dict()
+        ema_state = self.ema.state_dict(keep=self.logging)
         optimizer_state = full_state(self.optimizer.state_dict(), keep=self.logging)
         self.saved_step = self.state.step
         if not self.logging:
