@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sd3.checkpoint.read import CheckpointError, checkpoint_dir, find_checkpoint
+from sd3.checkpoint.read import CheckpointError, checkpoint_dir, find_checkpoint, load_config
 from sd3.checkpoint.write import write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
+from sd3.config.changes import check_changes
 from sd3.console import close_log, log_rank, open_log, print0, set_main
 from sd3.dist.runtime import StopSignal, init_runtime, rank_map_from_env
 from sd3.encode import stand_ins
@@ -95,7 +96,11 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
     if rt.rank == first:
         try:
             path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
-        except CheckpointError as error:
+            if path is not None:  # before any weights load: a shape that cannot change is refused here
+                note = check_changes(load_config(path), cfg, checkpoint=shown(path), how="resume")
+                if note:
+                    print0(note)
+        except (CheckpointError, ConfigError) as error:
             if not rt.distributed:
                 raise
             # Say so in the broadcast (-1) rather than leave the others to a "connection closed" traceback;
@@ -110,8 +115,7 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
         if failure is not None:
             raise failure
         if step < 0:
-            raise CheckpointError(f"model rank {first} could not find the checkpoint to resume from (its message "
-                                  "says why)")
+            raise CheckpointError(f"model rank {first} could not resume from a checkpoint (its message says why)")
         if rt.ranks.is_model(rt.rank) and rt.rank != first and step:
             path = checkpoint_dir(resolve(cfg.run_dir)) / f"step_{step:08d}"
             if not path.is_dir():
@@ -138,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         if rt.role != "model":  # loaders need the data and the encoders; model ranks load the autoencoder later
             stand_ins.ensure(cfg, log=print0 if rt.role == "both" else lambda m: log_rank(rt.rank, "loader", m))
         init_from = find_checkpoint(args.init_from, Path(args.init_from)) if args.init_from else None
+        if init_from is not None:  # every rank decides alike: the same files, the same config
+            note = check_changes(load_config(init_from), cfg, checkpoint=shown(init_from), how="start from")
+            if note:
+                print0(note)
         start, resume = start_step_of(args, cfg, rt)
         if resume is not None:
             print0(f"resuming from {resume} (step {start})")

@@ -329,3 +329,24 @@ def test_infer_and_the_notebook_work_from_any_directory(trained, tmp_path):
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in elsewhere.iterdir()) == ["out"]
     assert (elsewhere / "out" / "grid.png").exists()
+
+
+def test_resume_refuses_another_model_shape_and_says_what_else_changed(tiny_args, tmp_path, capsys):
+    """Before any weights load: a changed shape is refused in one line naming both values; a changed
+    learning rate goes on, and the run says so."""
+    from sd3.config import ConfigError
+
+    assert train.main(tiny_args(tmp_path / "run", "--steps", "2")) == 0
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match=r"cannot resume .*step_00000002: it was trained with another model "
+                                          r"shape \(model.width 64 -> 96\), and these fields cannot change") as caught:
+        train.main(tiny_args(tmp_path / "run", "--steps", "3", "--resume", "auto", "--model.width=96"))
+    assert "\n" not in str(caught.value)
+    assert list_checkpoints(tmp_path / "run")[-1][0] == 2            # nothing written, nothing lost
+    assert train.main(tiny_args(tmp_path / "run", "--steps", "3", "--resume", "auto", "--train.lr=3e-4")) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"resume .*step_00000002 with a changed config, going on with the new values: train.steps 2 -> "
+                     r"3, train.lr 0.00\d+ -> 0.0003", out), out
+    with pytest.raises(ConfigError, match=r"model.depth 2 -> 3"):
+        train.main(tiny_args(tmp_path / "stage2", "--steps", "1", "--model.depth=3",
+                             "--init_from", str(list_checkpoints(tmp_path / "run")[-1][1])))
