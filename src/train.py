@@ -73,12 +73,11 @@ def parse(argv: list[str] | None):
 
 def dry_run(cfg, model_ranks: int | None = None) -> None:
     from sd3.model.mmdit import count_parameters
-    from sd3.train.memory import estimate, format_report, model_rank_count, shard_count
+    from sd3.train.memory import can_shard, estimate, format_report, model_rank_count, shard_count
 
     n = model_ranks or model_rank_count(cfg)
     shards = shard_count(cfg, cfg.train.parallel, n)
-    if n < 1 or (cfg.train.parallel != "ddp" and (n < 2 or shards < 2 or n % shards or
-                                                  (cfg.train.parallel == "hsdp" and shards == n))):
+    if not can_shard(cfg.train.parallel, shards, n):
         raise ConfigError(f"--dry-run at {n} model ranks: train.parallel={cfg.train.parallel} cannot shard over them "
                           f"(shard groups of {shards}); give --model_ranks a count it divides into groups of >= 2, "
                           "or another --train.parallel")

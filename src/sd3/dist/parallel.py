@@ -215,7 +215,3 @@ def full_state(obj, *, keep: bool = True):
     else:
         out = obj
     return out if keep else None
-
-
-def sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())

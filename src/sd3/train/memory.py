@@ -539,6 +539,16 @@ def shard_count(cfg: Config, parallel: str, model_ranks: int) -> int:
     return 1
 
 
+def can_shard(parallel: str, shards: int, model_ranks: int) -> bool:
+    """Whether `parallel` can split `model_ranks` model ranks into shard groups of `shards` (what
+    `sd3.dist.parallel.shard_groups` requires of a launched run): ddp always; fsdp and hsdp over groups of
+    at least 2 that divide the model ranks, hsdp into at least 2 groups."""
+    if parallel == "ddp":
+        return model_ranks >= 1
+    return model_ranks >= 2 and shards >= 2 and model_ranks % shards == 0 and \
+        not (parallel == "hsdp" and shards == model_ranks)
+
+
 def _state_lines(cfg: Config, parallel: str, shards: int, *, n_params: int, weights: float, root: float,
                  largest_block: float) -> list[Line]:
     """The training state on one model rank: everything split `shards` ways, plus, when sharded, the
@@ -623,8 +633,7 @@ def estimate(cfg: Config, *, stand_in_configs=None, model_ranks: int | None = No
     model_total = totals[configured] + _allowance(totals[configured])
     for parallel in ("ddp", "fsdp", "hsdp"):
         shards = shard_count(cfg, parallel, n_model)
-        if parallel != "ddp" and (n_model < 2 or n_model % shards or shards < 2 or
-                                  (parallel == "hsdp" and shards == n_model)):
+        if not can_shard(parallel, shards, n_model):
             continue      # a shape that cannot shard (train.py refuses it)
         mode_state = sum(x.bytes for x in _state_lines(cfg, parallel, shards, **sizes) + shared)
         mode_total = mode_state + acts[configured].peak
