@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from sd3.checkpoint.read import list_checkpoints
+from sd3.checkpoint.read import list_checkpoints, load_part
 from sd3.config import ConfigError, TrainConfig
 from sd3.dist.parallel import shard_groups
 from sd3.dist.rankmap import RankMap
@@ -65,8 +64,9 @@ def test_hsdp_shard_size_without_hsdp_is_refused(tiny_args, tmp_path):
 # -- training and checkpoints, with real processes ---------------------------------------------------------
 
 
-def weights(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(list_checkpoints(run_dir)[-1][1] / name)
+def weights(run_dir: Path, part: str) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's `model` or `ema` as whole tensors, whichever layout it has."""
+    return load_part(list_checkpoints(run_dir)[-1][1], part)
 
 
 def validation(out: str) -> list[float]:
@@ -96,7 +96,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tiny_args, tmp_path):
     # Validation and the final sample grid ran through the sharded model on every model rank.
     assert validation(out) == pytest.approx(validation(ddp_out), rel=1e-4) and len(validation(out)) == 2
     assert "sample grid:" in out and list((tmp_path / "fsdp" / "samples").glob("step_00000004.png"))
-    for name in ("model.safetensors", "ema.safetensors"):
+    for name in ("model", "ema"):
         a, b = weights(tmp_path / "ddp", name), weights(tmp_path / "fsdp", name)
         assert a.keys() == b.keys()
         for key in a:
@@ -108,7 +108,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tiny_args, tmp_path):
     rc, out = run(tiny_args(tmp_path / "split", "--steps", "4", "--resume", "auto", "--train.parallel=fsdp",
                             *COMMON))
     assert rc == 0 and "resuming from" in out, out[-3000:]
-    for name in ("model.safetensors", "ema.safetensors"):
+    for name in ("model", "ema"):
         a, b = weights(tmp_path / "fsdp", name), weights(tmp_path / "split", name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
@@ -128,7 +128,7 @@ def test_hsdp_trains_as_ddp_does(tiny_args, tmp_path):
     assert rc == 0, out[-3000:]
     assert "on 4 model rank(s) (hsdp: 2 copies of the model, each sharded over 2 ranks)" in out, out[-3000:]
     assert losses(out) == pytest.approx(ddp_losses, rel=1e-4), (losses(out), ddp_losses)
-    a, b = weights(tmp_path / "ddp", "model.safetensors"), weights(tmp_path / "hsdp", "model.safetensors")
+    a, b = weights(tmp_path / "ddp", "model"), weights(tmp_path / "hsdp", "model")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -141,5 +141,5 @@ def test_fsdp_in_bf16_trains(tiny_args, tmp_path):
     assert rc == 0, out[-3000:]
     found = losses(out)
     assert len(found) == 4 and all(x == x and x < 10 for x in found) and found[-1] < found[0], found
-    state = weights(tmp_path / "run", "model.safetensors")
+    state = weights(tmp_path / "run", "model")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())

@@ -7,26 +7,39 @@ this project's 2-core machine).
 
 `--resume auto` walks back from the newest checkpoint to the newest one that verifies, saying which it
 skipped and why; a checkpoint named explicitly must verify or the run stops naming the bad file.
+
+Both layouts read the same way: `load_part` gives a part's whole tensors from either (a sharded one is
+put together on one process, without a process group), so inference, evaluation and `--init_from` do
+not care how a run was trained. `load_sharded` reads a sharded part straight into this rank's shards.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 
 from sd3.config import Config, load_json
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
+"""The files of a checkpoint of whole tensors (written by one rank)."""
+PARTS = ("model", "ema", "optimizer")
+"""The folders of a sharded checkpoint: one safetensors file per model rank in each."""
+SHARDED_FILES = ("config.json", "train_state.pt")
 MANIFEST = "manifest.json"
+SHARDED_LAYOUT = "sharded"
+"""The manifest's `layout` of a sharded checkpoint (it lists every file, shards included)."""
 
 
 class CheckpointError(RuntimeError):
@@ -64,27 +77,44 @@ def crc32_of(path: Path, chunk: int = 1 << 24) -> int:
     return crc
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether `path` is a sharded checkpoint (a folder per part, one file per model rank in each)."""
+    return (path / PARTS[0]).is_dir()
+
+
 def verify(path: Path, *, full: bool = True) -> None:
-    """Raise CheckpointError naming the first missing, truncated or damaged file of checkpoint `path`.
+    """Raise CheckpointError naming the first missing, truncated or damaged file of checkpoint `path`
+    (a shard by its part and file name).
 
     Sizes are always checked against the manifest; `full` also compares every file's CRC-32. A
-    checkpoint written before manifests existed is accepted when its files are all there."""
+    checkpoint of whole tensors written before manifests existed is accepted when its files are all
+    there; a sharded one always has its manifest (written last: without it the save did not finish)."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist (give a step_* directory or a run directory)")
-    missing = [f for f in FILES if not (path / f).is_file()]
+    sharded = is_sharded(path)
+    required = SHARDED_FILES if sharded else FILES
+    missing = [f for f in required if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     if not (path / MANIFEST).is_file():
+        if sharded:
+            raise CheckpointError(f"checkpoint {path} is incomplete: missing {MANIFEST} (the save did not finish)")
         return  # written before manifests (every file is there)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         entries = manifest["files"]
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({error})") from error
-    for name in FILES:
+    names = sorted(entries) if sharded else FILES
+    for name in required:
+        if name not in entries:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {name}")
+    for name in names:
         entry = entries.get(name)
         if entry is None:
             raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {name}")
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: missing {name}")
         size = (path / name).stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"checkpoint {path}: {name} is {size:,} bytes but was written with "
@@ -92,6 +122,11 @@ def verify(path: Path, *, full: bool = True) -> None:
         if full and f"{crc32_of(path / name):08x}" != entry["crc32"]:
             raise CheckpointError(f"checkpoint {path}: {name} does not match the checksum it was written with "
                                   "(damaged)")
+    if sharded:
+        extra = sorted(str(f.relative_to(path)) for part in PARTS for f in (path / part).glob("*")
+                       if str(f.relative_to(path)) not in entries)
+        if extra:
+            raise CheckpointError(f"checkpoint {path}: {extra[0]} is not in its {MANIFEST} (a file of another save)")
 
 
 def find_checkpoint(arg: str | None, run_dir: str | Path, *, log: Callable[[str], None] = print) -> Path | None:
@@ -146,11 +181,51 @@ def load_tensors(path: Path, name: str) -> dict[str, Tensor]:
         raise CheckpointError(f"checkpoint {path}: {name} does not load ({error})") from error
 
 
+def _reader(path: Path, part: str) -> HuggingFaceStorageReader:
+    if not (path / part).is_dir():
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {part}/")
+    return HuggingFaceStorageReader(str(path / part))
+
+
+def load_part(path: Path, part: str) -> dict[str, Tensor]:
+    """Part `model`, `ema` or `optimizer` (sharded layout only) of a checkpoint as name -> whole tensor,
+    on the CPU, from either layout. A sharded part is put together from every model rank's file here, on
+    this process alone (DCP without a process group); only the safetensors headers and tensors are read."""
+    if not is_sharded(path):
+        return load_tensors(path, f"{part}.safetensors")
+    try:
+        reader = _reader(path, part)
+        meta = reader.read_metadata().state_dict_metadata
+        state = {name: torch.empty(m.size, dtype=m.properties.dtype) for name, m in meta.items()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path}: {part}/ does not load ({type(error).__name__}: {error})") from error
+    return state
+
+
+def load_sharded(path: Path, part: str, state: dict[str, Tensor], group) -> None:
+    """Read part `part` of a sharded checkpoint into `state` in place (name -> DTensor or tensor): each
+    model rank reads only what its shards hold, whatever the number of ranks that wrote it (DCP reshards).
+    Every rank of `group` must call it."""
+    try:
+        dcp.load(state, storage_reader=_reader(path, part), process_group=group)
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path}: {part}/ does not load into this model ({type(error).__name__}: "
+                              f"{error}); was it trained with another model config? Its config.json holds the "
+                              "one it needs") from error
+
+
 def load_weights(path: Path, model: nn.Module, *, ema: bool) -> None:
-    """Load `ema.safetensors` or `model.safetensors` into `model`, strictly (names and shapes)."""
+    """Load the EMA or the trained weights of a checkpoint (either layout) into a plain `model`, strictly
+    (names and shapes)."""
     verify(path, full=False)
-    name = "ema.safetensors" if ema else "model.safetensors"
-    state = load_tensors(path, name)
+    state = load_part(path, "ema" if ema else "model")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -6,8 +6,16 @@ killed runs before it saves, checks the free space first, and a save that fails 
 so and leaves no partial files. The last `keep_last` verified checkpoints are kept, so the newest good
 one is never pruned.
 
-Saving snapshots the state to CPU on the caller's thread (fast), then writes the files on a background
-thread so training goes on; `wait()` joins it and re-raises its error, `failed()` polls it.
+Whole tensors (`save`, ddp): the state is snapshotted to CPU on the caller's thread (fast), then one rank
+writes the files on a background thread so training goes on; `wait()` joins it and re-raises its error,
+`failed()` polls it.
+
+Shards (`save_sharded`, fsdp/hsdp): every model rank writes its own part of the weights, EMA and optimizer
+state, in parallel, through torch.distributed.checkpoint (DCP) with its safetensors storage: one file per
+rank and part, tensors and their offsets only (DCP's default format pickles its metadata; this one has
+none to pickle). The step's hyperparameters and counters go in train_state.pt as with whole tensors. The
+first model rank makes the temporary folder, checks the space for all, writes the manifest of every file
+last and renames the folder, so the same guarantees hold.
 """
 
 from __future__ import annotations
@@ -19,11 +27,27 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
-from sd3.atomic import TMP_MARK, atomic_path, atomic_write_text, remove, stale_temporaries
-from sd3.checkpoint.read import FILES, MANIFEST, CheckpointError, checkpoint_dir, crc32_of, list_checkpoints, verify
+from sd3.atomic import TMP_MARK, atomic_path, atomic_write_text, publish, remove, stale_temporaries, temporary_sibling
+from sd3.checkpoint.read import (
+    FILES,
+    MANIFEST,
+    PARTS,
+    SHARDED_FILES,
+    SHARDED_LAYOUT,
+    CheckpointError,
+    checkpoint_dir,
+    crc32_of,
+    list_checkpoints,
+    verify,
+)
 from sd3.config import Config, save_json
 
 _SLACK_BYTES = 1 << 20  # JSON, pickle framing and filesystem metadata on top of the tensors
@@ -49,6 +73,8 @@ def _to_cpu(obj):
 
 
 def _tensor_bytes(obj) -> int:
+    if isinstance(obj, DTensor):
+        obj = obj.to_local()
     if isinstance(obj, Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -96,6 +122,92 @@ class CheckpointWriter:
             self.wait()
         return final
 
+    def save_sharded(self, step: int, *, parts: dict[str, dict[str, Tensor]], cfg: Config, train_state: dict,
+                     group: dist.ProcessGroup, writes: bool) -> Path:
+        """Checkpoint `step` in shards: every rank of `group` (the model ranks) calls it with its `parts`
+        (`model`, `ema`, `optimizer`: name -> DTensor, or a tensor every rank holds alike) and writes its
+        own share; the rank with `writes` (the first) also writes `cfg`, `train_state` and the manifest,
+        and publishes the folder. Blocks until the checkpoint is whole; raises on every rank when it is
+        not (the previous checkpoints stay as they were)."""
+        self.wait()
+        final = self.root / f"step_{step:08d}"
+        first = dist.get_global_rank(group, 0)
+        need = torch.tensor([sum(_tensor_bytes(state) for state in parts.values())], dtype=torch.int64)
+        dist.all_reduce(need, group=group)  # on gloo; every part's bytes once, replicas and all (an upper bound)
+        need = int(need) + _tensor_bytes(train_state) + _SLACK_BYTES
+        answer: list = [None]
+        if writes:
+            answer[0] = self._prepare(final, need)
+        dist.broadcast_object_list(answer, src=first, group=group)
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        tmp = Path(answer[0])
+        failure = None
+        try:
+            for part in PARTS:
+                dcp.save(parts[part], storage_writer=HuggingFaceStorageWriter(str(tmp / part), save_distributed=True),
+                         process_group=group)
+            files = sorted(str(f.relative_to(tmp)) for part in PARTS for f in (tmp / part).iterdir())
+            index, count = dist.get_rank(group), dist.get_world_size(group)
+            mine = {name: _entry(tmp / name) for name in files[index::count]}  # the checksums, shared out
+        except (Exception, CheckpointException) as error:  # DCP's error (a BaseException) is raised on every rank
+            failure, mine = error, {}
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (mine, None if failure is None else f"{type(failure).__name__}: {failure}"),
+                               group=group)
+        answer = [None]
+        if writes:
+            answer[0] = self._publish_sharded(tmp, final, need, cfg, train_state, gathered, failure)
+        dist.broadcast_object_list(answer, src=first, group=group)
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return final
+
+    def _prepare(self, final: Path, need: int) -> str | BaseException:
+        """The writing rank's half before a sharded save: the temporary folder's path, or why not."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._clean_up()
+            free = shutil.disk_usage(self.root).free
+            if free < need:
+                return NoSpaceError(self._no_space(final, need, free))
+            tmp = temporary_sibling(final)
+            tmp.mkdir()
+            return str(tmp)
+        except Exception as error:
+            return CheckpointError(f"cannot write checkpoint {final.name} under {self.root}: {type(error).__name__}: "
+                                   f"{error}")
+
+    def _publish_sharded(self, tmp: Path, final: Path, need: int, cfg: Config, train_state: dict,
+                         gathered: list, failure: BaseException | None) -> BaseException | None:
+        """The writing rank's half after every rank wrote its shards: the files of one rank, the manifest
+        last, the rename, pruning. Returns None, or the error every rank raises (the folder removed)."""
+        try:
+            errors = [(rank, text) for rank, (_, text) in enumerate(gathered) if text]
+            if errors:
+                rank, text = errors[0]
+                raise CheckpointError(f"model rank {rank} could not write its shards of {final.name}: {text}") \
+                    from failure
+            save_json(cfg, tmp / "config.json")
+            torch.save(_to_cpu(train_state), tmp / "train_state.pt")
+            files = {name: _entry(tmp / name) for name in SHARDED_FILES}
+            for mine, _ in gathered:
+                files.update(mine)
+            manifest = {"format": 2, "layout": SHARDED_LAYOUT, "files": dict(sorted(files.items()))}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            publish(tmp, final)
+            self._prune()
+            return None
+        except Exception as error:
+            remove(tmp)
+            free = shutil.disk_usage(self.root).free
+            if _is_no_space(error) or free < need:
+                return NoSpaceError(self._no_space(final, need, free, refused=_is_no_space(error)))
+            if isinstance(error, CheckpointError):
+                return error
+            return CheckpointError(f"writing checkpoint {final.name} under {self.root} failed: "
+                                   f"{type(error).__name__}: {error}")
+
     def failed(self) -> bool:
         """Whether the last background save has ended in an error (`wait` raises it)."""
         return self._error is not None
@@ -125,8 +237,7 @@ class CheckpointWriter:
                     save_file(ema_sd, tmp / "ema.safetensors")
                     save_json(cfg, tmp / "config.json")
                     torch.save(train_state, tmp / "train_state.pt")
-                    files = {name: {"bytes": (tmp / name).stat().st_size, "crc32": f"{crc32_of(tmp / name):08x}"}
-                             for name in FILES}
+                    files = {name: _entry(tmp / name) for name in FILES}
                     (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
             except Exception as error:
                 free = shutil.disk_usage(self.root).free
@@ -176,6 +287,11 @@ class CheckpointWriter:
         for step, path in found:
             if step < kept[-1]:
                 remove(path)
+
+
+def _entry(path: Path) -> dict:
+    """A file's manifest entry: its size and CRC-32."""
+    return {"bytes": path.stat().st_size, "crc32": f"{crc32_of(path):08x}"}
 
 
 def write_marker(run_dir: str | Path, name: str, text: str) -> Path:

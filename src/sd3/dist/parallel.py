@@ -144,6 +144,15 @@ def parallelize(model: nn.Module, cfg: TrainConfig, *, group: dist.ProcessGroup 
     )
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP unit of `model` back to its sharded parameters. A forward without a backward (validation,
+    sampling) leaves a unit that does not reshard after its forward (the root) holding whole parameters, and
+    `named_parameters` then yields those, not the shards the optimizer steps."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Reduce gradients over the model ranks in the backward passes inside, or not (the micro-batches
@@ -197,21 +206,3 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
         return full
     return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements,
                              src_data_rank=None)
-
-
-def full_state(obj, *, keep: bool = True):
-    """A nested dict/list of tensors with every DTensor made whole, in host memory (a collective per
-    DTensor, in the same order on every rank; each whole tensor leaves the device at once). keep=False only
-    takes part in the gathering and returns None, so a rank that does not write the result never holds it."""
-    if isinstance(obj, Tensor):
-        if not isinstance(obj, DTensor):
-            return obj if keep else None
-        whole = obj.full_tensor()
-        return whole.cpu() if keep else None
-    if isinstance(obj, dict):
-        out = {k: full_state(v, keep=keep) for k, v in obj.items()}
-    elif isinstance(obj, (list, tuple)):
-        out = type(obj)(full_state(v, keep=keep) for v in obj)
-    else:
-        out = obj
-    return out if keep else None

@@ -35,25 +35,31 @@ class EMA:
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
         return True
 
-    def _whole(self, i: int) -> Tensor:
+    def _sharded(self, i: int) -> Tensor:
+        """Entry `i` as a DTensor cut like its parameter (sharing the shadow's storage when the EMA lives on
+        the model's device), or the shadow itself."""
         p, s = self.params[i], self.shadow[i]
         if not isinstance(p, DTensor):
             return s
-        shard = DTensor.from_local(s.to(local(p).device), p.device_mesh, p.placements, shape=p.shape,
-                                   stride=p.stride())
-        return full_tensor(shard)
+        return DTensor.from_local(s.to(local(p).device), p.device_mesh, p.placements, shape=p.shape,
+                                  stride=p.stride(), run_check=False)
 
-    def state_dict(self, *, keep: bool = True) -> dict[str, Tensor] | None:
-        """Name -> whole fp32 tensor. Under fsdp/hsdp every model rank must call it: the tensors are gathered
-        into host memory one by one, and keep=False only takes part (returns None)."""
-        if not any(isinstance(p, DTensor) for p in self.params):
-            return dict(zip(self.names, self.shadow)) if keep else None
-        state = {}
-        for i, name in enumerate(self.names):
-            whole = self._whole(i)
-            if keep:
-                state[name] = whole.cpu()
-        return state if keep else None
+    def _whole(self, i: int) -> Tensor:
+        return full_tensor(self._sharded(i))
+
+    def sharded_state(self) -> dict[str, Tensor]:
+        """Name -> this rank's part as a DTensor: what a sharded checkpoint saves, and what
+        `load_sharded_state` takes back after the checkpoint was read into it."""
+        return {name: self._sharded(i) for i, name in enumerate(self.names)}
+
+    @torch.no_grad()
+    def load_sharded_state(self, state: dict[str, Tensor]) -> None:
+        for name, s in zip(self.names, self.shadow):
+            s.copy_(local(state[name]))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Name -> whole fp32 tensor. Under fsdp/hsdp every model rank must call it (the tensors are gathered)."""
+        return {name: self._whole(i) for i, name in enumerate(self.names)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor]) -> None:

@@ -24,9 +24,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm import tqdm
 
-from sd3.checkpoint.read import load_tensors, load_train_state, load_weights
+from sd3.checkpoint.read import (
+    CheckpointError,
+    is_sharded,
+    load_part,
+    load_sharded,
+    load_train_state,
+    load_weights,
+)
 from sd3.checkpoint.write import CheckpointWriter
 from sd3.config import Config, FlowConfig, TrainConfig, to_dict
 from sd3.console import log0, print0
@@ -46,10 +60,10 @@ from sd3.dist.parallel import (
     SHARDED,
     apply_fsdp,
     clip_grad_norm_,
-    full_state,
     gradient_sync,
     local,
     parallelize,
+    reshard,
     shard_like,
 )
 from sd3.dist.runtime import Runtime, StopSignal
@@ -433,25 +447,66 @@ class RunResult:
 def build_model(cfg: Config, rt: Runtime, *, resume: Path | None, init_from: Path | None):
     """The model (identical on every model rank: same seed, then DDP broadcasts or FSDP shards it), the
     module that trains it (`parallelize`), EMA, optimizer and state, restored from `resume` (everything)
-    or `init_from` (weights and EMA only). Checkpoints hold whole tensors: under fsdp/hsdp each rank keeps
-    its own part of them."""
+    or `init_from` (weights and EMA only). Either checkpoint layout restores either mode: a sharded run
+    reads a sharded checkpoint shard by shard (each rank its own part, whatever the number of ranks that
+    wrote it); anything else goes through whole tensors, of which a sharded run keeps its part."""
     torch.manual_seed(cfg.train.seed)
     model = MMDiT(cfg.model).to(rt.device)
     source = resume or init_from
-    if source is not None:
+    direct = source is not None and cfg.train.parallel in SHARDED and is_sharded(source)
+    if source is not None and not direct:
         load_weights(source, model, ema=False)
     train_model = parallelize(model, cfg.train, group=rt.model_group, device=rt.device, mesh=rt.mesh)
     ema_device = "cpu" if cfg.train.ema_device == "cpu" else rt.device
     ema = EMA(model, decay=cfg.train.ema_decay, every=cfg.train.ema_every, device=ema_device)
-    if source is not None:
-        ema.load_state_dict(load_tensors(source, "ema.safetensors"))
+    if direct:
+        weights = get_model_state_dict(model)
+        load_sharded(source, "model", weights, rt.model_group)
+        set_model_state_dict(model, weights)
+        averages = ema.sharded_state()
+        load_sharded(source, "ema", averages, rt.model_group)
+        ema.load_sharded_state(averages)
+    elif source is not None:
+        ema.load_state_dict(load_part(source, "ema"))
     optimizer = build_optimizer(model, cfg.train)
     state = TrainState()
     if resume is not None:
         saved = load_train_state(resume)
-        optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
+        load_optimizer(resume, saved, model, optimizer, group=rt.model_group if direct else None)
         state.load_state_dict(saved)
     return model, train_model, ema, optimizer, state
+
+
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+"""The optimizer state as one flat dict keyed by parameter name (`state.<name>.exp_avg`,
+`param_groups.<name>.lr`): what a sharded checkpoint holds, independent of the number of ranks."""
+
+
+def optimizer_state(model, optimizer) -> tuple[dict[str, Tensor], dict]:
+    """The optimizer state, flat: the tensors (cut like the parameters) and the rest (hyperparameters)."""
+    flat = get_optimizer_state_dict(model, optimizer, options=FLAT)
+    tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
+    return tensors, {k: v for k, v in flat.items() if k not in tensors}
+
+
+def load_optimizer(path: Path, saved: dict, model, optimizer, *, group) -> None:
+    """Restore the optimizer from checkpoint `path` (its train_state `saved`): a sharded one into this
+    rank's part (`group` given: every model rank reads its own) or through whole tensors, or the whole
+    optimizer state dict of a checkpoint written by one rank."""
+    if not is_sharded(path):
+        optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
+        return
+    tensors, _ = optimizer_state(model, optimizer)  # the state made (zero) so that it can be read into
+    if group is not None:
+        load_sharded(path, "optimizer", tensors, group)
+    else:
+        whole = load_part(path, "optimizer")
+        missing = sorted(set(tensors) - set(whole))
+        if missing:
+            raise CheckpointError(f"checkpoint {path}: optimizer/ lacks {len(missing)} entries, e.g. {missing[0]}; "
+                                  "was it trained with another model config?")
+        tensors = {k: shard_like(whole[k].to(v.dtype), v) for k, v in tensors.items()}
+    set_optimizer_state_dict(model, optimizer, {**saved["optimizer_groups"], **tensors}, options=FLAT)
 
 
 def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
@@ -480,7 +535,7 @@ class Trainer:
         self.window = MetricsWindow(rt.device)
         self.run_dir = resolve(cfg.run_dir)
         self.logging = rt.is_logging
-        self.writer = CheckpointWriter(self.run_dir, cfg.log.keep_last) if self.logging else None
+        self.writer = CheckpointWriter(self.run_dir, cfg.log.keep_last) if self.logging or self.sharded else None
         self.logger = Logger(cfg.log, run_dir=self.run_dir, config=to_dict(cfg), run_id=self.state.wandb_id or None,
                              enabled=self.logging, start_step=self.state.step, images_per_step=self.images_per_step)
         self.state.wandb_id = self.logger.run_id or ""
@@ -716,8 +771,9 @@ class Trainer:
                        f"{result['eval/seconds']:.0f} s)")
 
     def save(self, blocking: bool = False) -> None:
-        """A checkpoint of this step, unless the step was bad: none is written from a bad stretch. The first
-        model rank writes it; under fsdp/hsdp every model rank calls this (the tensors are gathered)."""
+        """A checkpoint of this step, unless the step was bad: none is written from a bad stretch. Under ddp
+        the first model rank writes whole tensors (in the background unless `blocking`); under fsdp/hsdp every
+        model rank calls this and writes its own shards (the call returns when the checkpoint is whole)."""
         if not self.guard.clean():
             print0(f"step {self.state.step}: no checkpoint (the last {int(self.guard.bad_run)} steps were bad)")
             return
@@ -725,15 +781,22 @@ class Trainer:
             raise Diverged(f"the weights are not finite at step {self.state.step}; no checkpoint of them was "
                            "written. Resume from the newest checkpoint with a lower --train.lr")
         self.guard.save_to(self.state)
-        model_state = full_state(self.model.state_dict(), keep=self.logging)
-        ema_state = self.ema.state_dict(keep=self.logging)
-        optimizer_state = full_state(self.optimizer.state_dict(), keep=self.logging)
         self.saved_step = self.state.step
+        if self.sharded:  # every model rank writes its own part
+            reshard(self.model)
+            tensors, groups = optimizer_state(self.model, self.optimizer)
+            self.last_saved = self.writer.save_sharded(
+                self.state.step, parts={"model": get_model_state_dict(self.model), "ema": self.ema.sharded_state(),
+                                        "optimizer": tensors},
+                cfg=self.cfg, train_state={"optimizer_groups": groups, **self.state.state_dict()},
+                group=self.rt.model_group, writes=self.logging)
+            return
         if not self.logging:
             return
-        train_state = {"optimizer": optimizer_state, **self.state.state_dict()}
-        self.last_saved = self.writer.save(self.state.step, model_state=model_state, ema_state=ema_state,
-                                           cfg=self.cfg, train_state=train_state, blocking=blocking)
+        train_state = {"optimizer": self.optimizer.state_dict(), **self.state.state_dict()}
+        self.last_saved = self.writer.save(self.state.step, model_state=self.model.state_dict(),
+                                           ema_state=self.ema.state_dict(), cfg=self.cfg, train_state=train_state,
+                                           blocking=blocking)
 
     def weights_finite(self) -> bool:
         """Whether every weight is finite (under fsdp/hsdp: on every model rank's shard)."""
