@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sd3.checkpoint.read import CheckpointError, checkpoint_dir, find_checkpoint, load_config
+from sd3.checkpoint.read import CheckpointError, checkpoint_dir, find_checkpoint, load_config, resumable
 from sd3.checkpoint.write import write_marker
 from sd3.config import ConfigError, apply_overrides, help_text, preset, set_value, to_dict
 from sd3.config.changes import check_changes
@@ -95,6 +95,9 @@ def start_step_of(args, cfg, rt) -> tuple[int, Path | None]:
     if rt.rank == first:
         try:
             path = find_checkpoint(args.resume, resolve(cfg.run_dir), log=print0)
+            if path is not None and not resumable(path):
+                raise CheckpointError(f"{shown(path)} holds weights only (exported with --weights-only): start a "
+                                      f"new run from it with --init_from {shown(path)}")
             if path is not None:  # before any weights load: a shape that cannot change is refused here
                 note = check_changes(load_config(path), cfg, checkpoint=shown(path), how="resume")
                 if note:

@@ -11,6 +11,8 @@ import errno
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from sd3.checkpoint.read import (
     is_sharded,
     list_checkpoints,
     load_part,
+    load_train_state,
     load_weights,
     verify,
 )
@@ -37,7 +40,7 @@ from sd3.train.ema import EMA
 from sd3.train.optim import build_optimizer
 from sd3.train.trainer import optimizer_state
 from tests.dist_util import run_ranks
-from tests.fault_util import damage
+from tests.fault_util import ROOT, damage
 
 
 class Sharded:
@@ -193,3 +196,57 @@ def test_two_ranks_write_their_shards_and_a_full_disk_on_one_stops_both(tmp_path
     model, ema = load_part(path, "model"), load_part(path, "ema")
     for got, want in ((model, safetensors.torch.load(r0["whole"])), (ema, safetensors.torch.load(r0["ema"]))):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# -- export: one checkpoint of whole tensors -----------------------------------------------------------------
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "src" / "export_checkpoint.py"), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_export_writes_a_checkpoint_of_whole_tensors_that_resumes_under_ddp(sharded, tmp_path, tiny_args):
+    ckpt = list_checkpoints(sharded.run_dir)[-1][1]
+    done = export("--ckpt", str(sharded.run_dir), "--out", str(tmp_path / "whole"))
+    assert done.returncode == 0 and f"of {ckpt}" in done.stdout.replace("\n", ""), done.stderr
+    out = tmp_path / "whole"
+    verify(out)
+    assert not is_sharded(out)
+    for part in ("model", "ema"):
+        got, want = load_part(out, part), load_part(ckpt, part)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # The optimizer state, keyed by parameter index as a ddp run saves it, loads into a plain optimizer.
+    plain = MMDiT(sharded.cfg.model)
+    optimizer = build_optimizer(plain, sharded.cfg.train)
+    optimizer.load_state_dict(load_train_state(out)["optimizer"])
+    flat = load_part(ckpt, "optimizer")
+    for name, p in plain.named_parameters():
+        assert torch.equal(optimizer.state[p]["exp_avg"], flat[f"state.{name}.exp_avg"]), name
+    assert load_train_state(out)["step"] == 30
+
+    done = export("--ckpt", str(ckpt), "--out", str(tmp_path / "light"), "--weights-only")
+    assert done.returncode == 0, done.stderr
+    verify(tmp_path / "light")
+    assert "optimizer" not in load_train_state(tmp_path / "light")
+    assert (tmp_path / "light" / "model.safetensors").stat().st_size == (out / "model.safetensors").stat().st_size
+    run = subprocess.run([sys.executable, "src/train.py", *tiny_args(None, "--resume", str(tmp_path / "light"))],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "holds weights only (exported with --weights-only): start a new run from it " \
+        "with --init_from" in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("exists", r"--out \S+ exists; give a new directory"),
+    ("whole", r"already holds whole tensors: infer\.py, evaluate\.py, --init_from and --resume read it as it is"),
+])
+def test_export_refuses_in_one_line(sharded, tmp_path, case, message):
+    ckpt = list_checkpoints(sharded.run_dir)[-1][1]
+    out = tmp_path / "out"
+    out.mkdir()
+    if case == "whole":
+        done = export("--ckpt", str(ckpt), "--out", str(tmp_path / "a"), "--weights-only")
+        assert done.returncode == 0, done.stderr
+        ckpt, out = tmp_path / "a", tmp_path / "b"
+    done = export("--ckpt", str(ckpt), "--out", str(out))
+    assert done.returncode == 2 and re.search(message, done.stderr) and done.stderr.count("\n") == 1, done.stderr

@@ -40,6 +40,8 @@ SHARDED_FILES = ("config.json", "train_state.pt")
 MANIFEST = "manifest.json"
 SHARDED_LAYOUT = "sharded"
 """The manifest's `layout` of a sharded checkpoint (it lists every file, shards included)."""
+WEIGHTS_ONLY = "weights_only"
+"""Set in the manifest of a checkpoint without optimizer state (an export for inference): it cannot resume."""
 
 
 class CheckpointError(RuntimeError):
@@ -164,6 +166,12 @@ def _newest_verified(run_dir: str | Path, *, log: Callable[[str], None], require
     if required:
         raise CheckpointError(f"{run_dir} holds no checkpoint")
     return None
+
+
+def resumable(path: Path) -> bool:
+    """Whether checkpoint `path` (verified) can resume a run: it holds the optimizer state."""
+    manifest = path / MANIFEST
+    return not (manifest.is_file() and json.loads(manifest.read_text()).get(WEIGHTS_ONLY, False))
 
 
 def load_train_state(path: Path, map_location="cpu") -> dict:

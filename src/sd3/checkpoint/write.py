@@ -42,6 +42,7 @@ from sd3.checkpoint.read import (
     PARTS,
     SHARDED_FILES,
     SHARDED_LAYOUT,
+    WEIGHTS_ONLY,
     CheckpointError,
     checkpoint_dir,
     crc32_of,
@@ -233,12 +234,7 @@ class CheckpointWriter:
                 raise NoSpaceError(self._no_space(final, need, free))
             try:
                 with atomic_path(final, folder=True) as tmp:
-                    save_file(model_sd, tmp / "model.safetensors")
-                    save_file(ema_sd, tmp / "ema.safetensors")
-                    save_json(cfg, tmp / "config.json")
-                    torch.save(train_state, tmp / "train_state.pt")
-                    files = {name: _entry(tmp / name) for name in FILES}
-                    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+                    write_whole(tmp, model_sd, ema_sd, cfg, train_state)
             except Exception as error:
                 free = shutil.disk_usage(self.root).free
                 # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
@@ -287,6 +283,19 @@ class CheckpointWriter:
         for step, path in found:
             if step < kept[-1]:
                 remove(path)
+
+
+def write_whole(folder: Path, model_state: dict[str, Tensor], ema_state: dict[str, Tensor], cfg: Config,
+                train_state: dict) -> None:
+    """The files of a checkpoint of whole tensors, into an existing (temporary) folder, the manifest last
+    (it says when the train state holds no optimizer: such a checkpoint cannot resume a run)."""
+    save_file(model_state, folder / "model.safetensors")
+    save_file(ema_state, folder / "ema.safetensors")
+    save_json(cfg, folder / "config.json")
+    torch.save(train_state, folder / "train_state.pt")
+    files = {name: _entry(folder / name) for name in FILES}
+    manifest = {"format": 1, "files": files} | ({} if "optimizer" in train_state else {WEIGHTS_ONLY: True})
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _entry(path: Path) -> dict:

@@ -494,6 +494,10 @@ def load_optimizer(path: Path, saved: dict, model, optimizer, *, group) -> None:
     rank's part (`group` given: every model rank reads its own) or through whole tensors, or the whole
     optimizer state dict of a checkpoint written by one rank."""
     if not is_sharded(path):
+        if "optimizer" not in saved:
+            raise CheckpointError(f"checkpoint {path} holds weights only (exported with --weights-only): start a "
+                                  f"new run from it with --init_from {path}, or resume from the checkpoint it was "
+                                  "exported from")
         optimizer.load_state_dict(shard_optimizer_state(saved["optimizer"], optimizer))
         return
     tensors, _ = optimizer_state(model, optimizer)  # the state made (zero) so that it can be read into
