@@ -59,7 +59,7 @@ def test_loader_feeds_two_model_ranks_and_resume_is_the_same_run(tiny_args, tmp_
     assert rc == 0, out[-3000:]
     losses = [float(x) for x in re.findall(r"^step \d+/\d+ \| loss ([0-9.]+)", out, flags=re.M)]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
-    assert "loader 0 -> model ranks 1, 2 (DDP ranks 0, 1)" in out
+    assert "loader 0 -> model ranks 1, 2 (model indices 0, 1)" in out
     assert "4 x 2 x 2 samples per optimizer step" in out          # batch per rank x model ranks x accumulation
     assert "data wait" in out and "MB/step" in out
     rc, out = run(tiny_args(tmp_path / "split", "--steps", "2", *common))

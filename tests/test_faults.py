@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sd3.checkpoint.read import verify
+from sd3.checkpoint.read import is_sharded, verify
 from tests.dist_util import free_port
 from tests.fault_util import (
     ROOT,
@@ -168,14 +168,17 @@ def test_4_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tiny_assets, tm
     assert not job.leftovers() and sorted(job.exited) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to every process", "SIGUSR1 to the model ranks"])
+@pytest.mark.parametrize("how", ["SIGTERM to every process", "SIGUSR1 to the model ranks",
+                                 "SIGTERM to every process, fsdp"])
 def test_5_a_signal_ends_every_rank_cleanly_with_a_whole_checkpoint(tiny_assets, tmp_path, how):
     """As slurmstepd/scancel do (every process of the step at once), and as the time-limit warning
     forwarded to the step does: a whole new checkpoint, PREEMPTED, every process gone without torchrun
-    having to SIGKILL anyone (it does after 30 s)."""
+    having to SIGKILL anyone (it does after 30 s). Under fsdp the checkpoint is sharded, each model rank
+    writing its own part after the signal."""
     run_dir = tmp_path / "run"
     name = "SIGTERM" if how.startswith("SIGTERM") else "SIGUSR1"
-    with Job(torchrun(tiny_args(tiny_assets, run_dir, "--steps", "4000", "--log.save_every=1000")),
+    mode = ["--train.parallel=fsdp"] if how.endswith("fsdp") else []
+    with Job(torchrun(tiny_args(tiny_assets, run_dir, "--steps", "4000", "--log.save_every=1000", *mode)),
              run_dir=run_dir) as job:
         job.wait_for(r"step 5/4000")
         job.wait_for_ranks(3)
@@ -189,6 +192,7 @@ def test_5_a_signal_ends_every_rank_cleanly_with_a_whole_checkpoint(tiny_assets,
     (step,) = steps_of(run_dir)
     assert 5 <= step < 4000 and checkpoint(run_dir, step).name in job.checkpoints
     verify(checkpoint(run_dir, step))
+    assert is_sharded(checkpoint(run_dir, step)) == bool(mode)
     assert (run_dir / "PREEMPTED").read_text() == f"stopped at step {step} of 4000 on {name}\n"
     assert not (run_dir / "FAILED").exists()
     assert not torchrun_killed_a_worker(job.text), job.text[-3000:]

@@ -101,8 +101,8 @@ def test_describe_has_one_line_per_loader():
     lines = text.splitlines()
     assert lines[0] == "rank map: world size 32, 8 loaders, 24 model ranks"
     assert len(lines) == 1 + 8
-    assert lines[1] == "  loader 0 -> model ranks 2, 3, 4 (DDP ranks 0, 1, 2)"
-    assert lines[-1] == "  loader 25 -> model ranks 29, 30, 31 (DDP ranks 21, 22, 23)"
+    assert lines[1] == "  loader 0 -> model ranks 2, 3, 4 (model indices 0, 1, 2)"
+    assert lines[-1] == "  loader 25 -> model ranks 29, 30, 31 (model indices 21, 22, 23)"
 
 
 def test_to_dict_round_trips_through_config_json():

@@ -250,3 +250,15 @@ def test_export_refuses_in_one_line(sharded, tmp_path, case, message):
         ckpt, out = tmp_path / "a", tmp_path / "b"
     done = export("--ckpt", str(ckpt), "--out", str(out))
     assert done.returncode == 2 and re.search(message, done.stderr) and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_the_temporaries_of_a_killed_sharded_save_are_removed_by_the_next(sharded):
+    """A job killed mid-save leaves a hidden folder of shards; the previous checkpoints are untouched and the
+    next save removes it."""
+    root = sharded.run_dir / "checkpoints"
+    stale = root / ".step_00000040.tmp-999999-deadbeef"            # a pid that is not running
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"x" * 1000)
+    assert find_checkpoint("auto", sharded.run_dir) == root / "step_00000030"
+    sharded.save(40)
+    assert not stale.exists() and [s for s, _ in list_checkpoints(sharded.run_dir)] == [10, 20, 30, 40]

@@ -1,7 +1,7 @@
 """RankMap: which ranks load, which ranks train, and which loader feeds which model ranks.
 
 A loader rank reads, decodes and encodes images and captions and sends the tensors to the model ranks
-it feeds; model ranks train the MMDiT together (DDP in a group that excludes the loaders). The map is
+it feeds; model ranks train the MMDiT together (DDP or FSDP in a group that excludes the loaders). The map is
 given in the seed's format, `{loader_rank: [model_ranks]}`, or generated per node:
 
     RankMap.generate(world_size=32, local_world_size=8, loaders_per_node=2, models_per_loader=3)
@@ -122,7 +122,7 @@ class RankMap:
 
     @property
     def model_ranks(self) -> tuple[int, ...]:
-        """Sorted global ranks of the model processes: the ranks of the DDP group. torch sorts the ranks
+        """Sorted global ranks of the model processes: the ranks of the model group. torch sorts the ranks
         given to `dist.new_group`, so a rank's position here is its rank inside that group."""
         return tuple(sorted(m for _, models in self.loader_to_model for m in models))
 
@@ -163,7 +163,7 @@ class RankMap:
         return self.loaders.index(loader)
 
     def model_index(self, model_rank: int) -> int:
-        """Position of this model rank among the model ranks: its rank inside the DDP model group."""
+        """Position of this model rank among the model ranks: its rank inside the model group."""
         if model_rank not in self.model_ranks:
             self.loader_of(model_rank)  # raises the error that names the rank
         return self.model_ranks.index(model_rank)
@@ -177,7 +177,7 @@ class RankMap:
         for loader, models in self.loader_to_model:
             indices = ", ".join(str(self.model_index(m)) for m in models)
             lines.append(f"  loader {loader} -> model ranks {', '.join(map(str, models))} "
-                         f"(DDP ranks {indices})")
+                         f"(model indices {indices})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[int, list[int]]:
