@@ -30,6 +30,7 @@ from sd3.config.changes import check_changes
 from sd3.console import close_log, log_rank, open_log, print0, set_main
 from sd3.dist.runtime import StopSignal, init_runtime, rank_map_from_env
 from sd3.encode import stand_ins
+from sd3.lock import RunDirLocked, RunLock
 from sd3.paths import command, resolve, shown
 from sd3.train.trainer import FAILED, PREEMPTED, PeerFailed, RunResult
 
@@ -136,10 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     rt = init_runtime(cfg, ranks)
     set_main(rt.is_logging)
     run_dir = resolve(cfg.run_dir)
+    try:
+        lock = take_run_lock(run_dir, rt)  # before anything is written to the run directory
+    except RunDirLocked:
+        if rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    try:
+        return run(args, cfg, rt, stop, run_dir)
+    finally:  # last: the markers and the report are this run's too
+        if lock is not None:
+            lock.release()
+
+
+def run(args, cfg, rt, stop, run_dir: Path) -> int:
+    """The run itself, on every rank, once this run holds the run directory."""
     open_log(run_dir / "train.log")
     if rt.is_logging:
         clear_markers(run_dir)
-    print0(ranks.describe())
+    print0(rt.ranks.describe())
     try:
         if rt.role != "model":  # loaders need the data and the encoders; model ranks load the autoencoder later
             stand_ins.ensure(cfg, log=print0 if rt.role == "both" else lambda m: log_rank(rt.rank, "loader", m))
@@ -230,6 +246,26 @@ def run_model_rank(cfg, rt, stop, start, resume, init_from) -> RunResult:
     return result
 
 
+def take_run_lock(run_dir: Path, rt) -> RunLock | None:
+    """The first model rank (the one that writes the run's files) takes the run directory's lock and tells
+    every rank whether the run may go on; the others hold nothing. Raises RunDirLocked on every rank when
+    another run holds the directory."""
+    lock, refusal = None, None
+    if rt.is_logging:
+        try:
+            lock = RunLock.take(run_dir, log=print0)
+        except RunDirLocked as error:
+            refusal = str(error)
+    if rt.distributed:
+        answer = [refusal]
+        dist.broadcast_object_list(answer, src=rt.ranks.model_ranks[0], group=rt.ctrl_group)
+        if answer[0] is not None and refusal is None:
+            raise RunDirLocked(f"{run_dir} is in use by another run (model rank {rt.ranks.model_ranks[0]} says which)")
+    if refusal is not None:
+        raise RunDirLocked(refusal)
+    return lock
+
+
 def clear_markers(run_dir: Path) -> None:
     """A PREEMPTED or FAILED left by an earlier run describes that run, not this one."""
     for name in (PREEMPTED, FAILED):
@@ -260,7 +296,7 @@ def report(cfg, result) -> None:
 
 
 ERRORS_WITHOUT_TRACEBACK = ("Diverged", "PeerFailed", "CheckpointError", "NoSpaceError", "TransportError",
-                            "LoaderFailed", "DataError")
+                            "LoaderFailed", "DataError", "RunDirLocked")
 
 
 if __name__ == "__main__":

@@ -306,3 +306,41 @@ def test_7_stand_ins_are_created_only_where_asked_and_said_to_be_random(tiny_ass
     assert f"created random-init stand-in encoders at {home / 'clip'}: they make the pipeline run, not good " \
            "images" in job.text
     assert list(cwd.iterdir()) == []
+
+
+def test_8_a_second_run_on_a_held_run_directory_stops_at_once_and_a_killed_runs_lock_is_taken_over(tiny_assets,
+                                                                                                 tmp_path):
+    """A double launch (a second terminal, a requeued job whose predecessor still runs): the second run ends
+    on every rank naming the holder and writes nothing; the first trains on untouched. A run killed with
+    SIGKILL leaves its lock behind, and the next run takes it over, saying so."""
+    run_dir = tmp_path / "run"
+    with Job(torchrun(tiny_args(tiny_assets, run_dir, "--steps", "4000", "--log.save_every=1000")),
+             run_dir=run_dir) as first:
+        first.wait_for(r"step 3/4000")
+        with Job(torchrun(tiny_args(tiny_assets, run_dir, "--steps", "4000")), run_dir=run_dir) as second:
+            rc = second.finish(timeout=90)
+        assert rc != 0 and sorted(second.exited) == [0, 1, 2], second.text[-3000:]
+        assert re.search(r"is in use by another run \(pid \d+ on \S+, started ", second.text), second.text[-3000:]
+        said = [line for line in second.text.splitlines() if line.startswith("[rank ")]
+        assert sorted(line.split()[1] for line in said) == ["0", "1", "2"], second.text[-3000:]  # a line each
+        assert all("RunDirLocked" in line for line in said), said
+        first.wait_for(r"step 8/4000")                       # still training
+        first.signal_tree(signal.SIGTERM)
+        assert first.finish(timeout=60) == 1                 # torchrun fails itself on SIGTERM
+    (step,) = steps_of(run_dir)
+    verify(checkpoint(run_dir, step))
+    assert (run_dir / "PREEMPTED").exists() and not (run_dir / "FAILED").exists()
+    assert "in use by another run" not in (run_dir / "train.log").read_text()   # the second wrote nothing there
+    assert not (run_dir / "LOCK").exists()                   # released on the way out
+
+    with Job(torchrun(tiny_args(tiny_assets, run_dir, "--steps", "4000", "--resume", "auto")),
+             run_dir=run_dir) as killed:
+        killed.wait_for(rf"step {step + 2}/4000")
+        killed.signal_tree(signal.SIGKILL)
+        killed.finish(timeout=60)
+    assert (run_dir / "LOCK").exists()
+    rc, job = run(tiny_assets, run_dir, "--steps", str(step + 2), "--resume", "auto")
+    assert rc == 0, job.text[-3000:]
+    assert re.search(r"took over the lock of a run that is gone \(pid \d+ on \S+, started \S+: no such process\)",
+                     job.text), job.text[-3000:]
+    assert not (run_dir / "LOCK").exists()
