@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignal()
     rt = init_runtime(cfg, ranks)
     set_main(rt.is_logging)
+    stop.announce = rt.is_logging
     run_dir = resolve(cfg.run_dir)
     try:
         lock = take_run_lock(run_dir, rt)  # before anything is written to the run directory
@@ -179,7 +180,7 @@ def run(args, cfg, rt, stop, run_dir: Path) -> int:
         else:
             result = run_model_rank(cfg, rt, stop, start, resume, init_from)
     except BaseException as error:
-        # A loader's failure arrives as SystemExit(1) from its cause. Ctrl-C (torchrun passes SIGINT on) is
+        # A loader's failure arrives as SystemExit(1) from its cause. A second Ctrl-C (KeyboardInterrupt) is
         # a stop, not a failure. PeerFailed is the echo of another model rank's failure, which that rank
         # writes itself: were this rank first to the file, FAILED would say "model rank 1 could not go on".
         cause = error.__cause__ if isinstance(error, SystemExit) and error.__cause__ else error
@@ -302,6 +303,9 @@ ERRORS_WITHOUT_TRACEBACK = ("Diverged", "PeerFailed", "CheckpointError", "NoSpac
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops at the step's end with a checkpoint)
+        print0("stopped at once on a second Ctrl-C: the steps since the last checkpoint were not saved")
+        sys.exit(130)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)

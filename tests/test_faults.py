@@ -15,11 +15,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from sd3.checkpoint.read import is_sharded, verify
+from sd3.checkpoint.read import is_sharded, load_part, verify
 from tests.dist_util import free_port
 from tests.fault_util import (
     ROOT,
@@ -344,3 +346,46 @@ def test_8_a_second_run_on_a_held_run_directory_stops_at_once_and_a_killed_runs_
     assert re.search(r"took over the lock of a run that is gone \(pid \d+ on \S+, started \S+: no such process\)",
                      job.text), job.text[-3000:]
     assert not (run_dir / "LOCK").exists()
+
+
+def test_9_ctrl_c_stops_with_a_checkpoint_that_resumes_exactly_and_a_second_stops_at_once(tiny_assets, tmp_path):
+    """Ctrl-C as a terminal sends it (SIGINT to torchrun's process group; torchrun passes it on to every
+    rank): the step ends, a whole checkpoint, one line, no traceback, and --resume auto continues as if
+    nothing happened. A second Ctrl-C a few seconds later stops at once, without a checkpoint."""
+    run_dir, steps = tmp_path / "run", ["--steps", "30", "--log.save_every=1000"]
+    with Job(torchrun(tiny_args(tiny_assets, run_dir, *steps)), run_dir=run_dir) as job:
+        job.wait_for(r"step 4/30")
+        job.wait_for_ranks(3)
+        os.killpg(job.proc.pid, signal.SIGINT)
+        job.finish(timeout=60)
+    (step,) = steps_of(run_dir)
+    assert step < 30, job.text[-3000:]
+    verify(checkpoint(run_dir, step))
+    assert f"stopping at step {step} on SIGINT" in job.text, job.text[-3000:]
+    assert "KeyboardInterrupt" not in job.text and not torchrun_killed_a_worker(job.text), job.text[-3000:]
+    assert (run_dir / "PREEMPTED").read_text() == f"stopped at step {step} of 30 on SIGINT\n"
+    assert not (run_dir / "FAILED").exists() and not job.leftovers()
+
+    rc, _ = run(tiny_assets, run_dir, *steps, "--resume", "auto")
+    assert rc == 0
+    rc, _ = run(tiny_assets, tmp_path / "straight", *steps)
+    assert rc == 0
+    resumed, straight = (load_part(checkpoint(d, 30), "model") for d in (run_dir, tmp_path / "straight"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+    # Twice: the first asks for the stop, the second (pressed later) ends every rank at once.
+    slow = inject(tmp_path / "inject", SLOW_LOADER.replace("0.15", "1.0"))
+    with Job(torchrun(tiny_args(tiny_assets, tmp_path / "twice", "--steps", "4000", "--log.save_every=1000")),
+             env=slow, run_dir=tmp_path / "twice") as job:
+        job.wait_for(r"step 2/4000")
+        job.wait_for_ranks(3)
+        for rank in (0, 1, 2):
+            job.signal_rank(rank, signal.SIGINT)
+        time.sleep(1.5)
+        for rank in (0, 1, 2):
+            job.signal_rank(rank, signal.SIGINT)
+        rc = job.finish(timeout=60)
+    assert rc != 0 and not job.leftovers() and steps_of(tmp_path / "twice") == []
+    assert "stopped at once on a second Ctrl-C: the steps since the last checkpoint were not saved" in job.text, \
+        job.text[-3000:]
+    assert not (tmp_path / "twice" / "FAILED").exists(), (tmp_path / "twice" / "FAILED").read_text()

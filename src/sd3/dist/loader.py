@@ -220,7 +220,7 @@ def run_loader(cfg: Config, rt: Runtime, *, start_step: int, end_step: int) -> N
         sender.flush()
     except BaseException as error:
         if isinstance(error, KeyboardInterrupt):
-            raise  # Ctrl-C (torchrun passes SIGINT on to every rank): a stop, not a failure to report
+            raise  # a second Ctrl-C: a stop at once, not a failure to report
         reason = f"{type(error).__name__}: {error}"
         log_rank(rt.rank, "loader", f"failed: {reason}\n{traceback.format_exc()}")
         alive = [dst for dst in feeds if f"model rank {dst} exited" not in reason]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -100,17 +101,34 @@ def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
 
 
 class StopSignal:
-    """SIGTERM (SLURM, torchrun) and SIGUSR1 (the early warning) ask for a stop at the next step
-    boundary. Handlers only set a flag; repeated signals are harmless (SLURM and torchrun each send
-    SIGTERM). Installed with signal.signal, which also replaces the 'ignore USR1' that the SLURM
-    script gives torchrun (and, through it, us)."""
+    """SIGTERM (SLURM, torchrun), SIGUSR1 (the early warning) and Ctrl-C (SIGINT) ask for a stop at the next
+    step boundary, with a checkpoint. Handlers only set a flag; repeated signals are harmless (SLURM and
+    torchrun each send SIGTERM; a terminal's Ctrl-C reaches a rank from the terminal and from torchrun).
+    A second Ctrl-C, pressed `AGAIN_S` or more after the first, stops at once (KeyboardInterrupt), without
+    a checkpoint. Installed with signal.signal, which also replaces the 'ignore USR1' that the SLURM script
+    gives torchrun (and, through it, us)."""
+
+    AGAIN_S = 1.0
+    """SIGINTs closer together than this are one Ctrl-C (delivered twice), not a second press."""
 
     def __init__(self):
         self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.announce = True
+        """Whether this process says at once that a Ctrl-C was taken (one rank of a run says it)."""
+        self._first_interrupt: float | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+                if self.announce:  # os.write: safe inside a signal handler, unlike print
+                    os.write(2, b"Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once, "
+                                b"without one)\n")
+            elif now - self._first_interrupt >= self.AGAIN_S:
+                raise KeyboardInterrupt("a second Ctrl-C")
         if self.received is None:
             self.received = signal.Signals(signum).name
 
