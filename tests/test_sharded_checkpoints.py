@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,10 +59,10 @@ class Sharded:
         self.writer = CheckpointWriter(run_dir, keep_last=keep_last)
         self.run_dir = run_dir
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, blocking: bool = True, change: bool = True) -> Path:
         with torch.no_grad():
             for p in self.model.parameters():
-                p.add_(0.01 * step)
+                p.add_(0.01 * step * change)
         self.ema.update(1)
         reshard(self.model)
         tensors, groups = optimizer_state(self.model, self.optimizer)
@@ -69,10 +70,12 @@ class Sharded:
             step, parts={"model": get_model_state_dict(self.model), "ema": self.ema.sharded_state(),
                          "optimizer": tensors},
             cfg=self.cfg, train_state={"step": step, "optimizer_groups": groups}, group=dist.group.WORLD,
-            writes=dist.get_rank() == 0)
+            writes=dist.get_rank() == 0, blocking=blocking)
 
     def whole(self) -> dict[str, torch.Tensor]:
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """Copies (on one rank the whole state shares the parameters' storage)."""
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.clone() for k, v in state.items()}
 
 
 @pytest.fixture
@@ -143,6 +146,38 @@ def test_pruning_keeps_the_newest_verified_sharded_checkpoints(sharded):
     assert [s for s, _ in list_checkpoints(sharded.run_dir)] == [20, 30, 40]   # 30 is damaged: 20 stays
     sharded.save(50)
     assert [s for s, _ in list_checkpoints(sharded.run_dir)] == [40, 50]
+
+
+def test_a_background_save_writes_what_the_weights_were_when_it_was_asked(sharded):
+    """The parts are copied to host memory before save_sharded returns: training changing the weights at once
+    changes nothing in the checkpoint."""
+    before = sharded.whole()
+    ema_before = sharded.ema.state_dict()
+    path = sharded.save(40, blocking=False, change=False)
+    with torch.no_grad():
+        for p in sharded.model.parameters():
+            p.mul_(0.0)                                              # the next "step", while it writes
+    sharded.writer.wait()
+    verify(path)
+    saved = load_part(path, "model")
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in before)
+    assert any(v.abs().sum() > 0 for v in saved.values())
+    assert load_part(path, "ema").keys() == ema_before.keys()
+
+
+def test_a_failed_background_save_is_reported_by_wait_and_leaves_nothing(sharded, monkeypatch):
+    root = sharded.run_dir / "checkpoints"
+    before = sorted(p.name for p in root.iterdir())
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    sharded.save(40, blocking=False)
+    for _ in range(200):
+        if sharded.writer.failed():
+            break
+        threading.Event().wait(0.02)
+    assert sharded.writer.failed()
+    with pytest.raises(NoSpaceError, match=r"not enough disk space for checkpoint step_00000040"):
+        sharded.writer.wait()
+    assert sorted(p.name for p in root.iterdir()) == before
 
 
 def test_a_full_disk_stops_a_sharded_save_with_nothing_half_written(sharded, monkeypatch):

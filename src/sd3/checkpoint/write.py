@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.tensor import DTensor
 
 from sd3.atomic import TMP_MARK, atomic_path, atomic_write_text, publish, remove, stale_temporaries, temporary_sibling
@@ -108,6 +109,7 @@ class CheckpointWriter:
         self.keep_last = keep_last
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._stager: DefaultStager | None = None
 
     def save(self, step: int, *, model_state: dict[str, Tensor], ema_state: dict[str, Tensor], cfg: Config,
              train_state: dict, blocking: bool = False) -> Path:
@@ -124,14 +126,39 @@ class CheckpointWriter:
         return final
 
     def save_sharded(self, step: int, *, parts: dict[str, dict[str, Tensor]], cfg: Config, train_state: dict,
-                     group: dist.ProcessGroup, writes: bool) -> Path:
-        """Checkpoint `step` in shards: every rank of `group` (the model ranks) calls it with its `parts`
-        (`model`, `ema`, `optimizer`: name -> DTensor, or a tensor every rank holds alike) and writes its
-        own share; the rank with `writes` (the first) also writes `cfg`, `train_state` and the manifest,
-        and publishes the folder. Blocks until the checkpoint is whole; raises on every rank when it is
-        not (the previous checkpoints stay as they were)."""
+                     group: dist.ProcessGroup, writes: bool, blocking: bool = False) -> Path:
+        """Checkpoint `step` in shards: every rank of `group` (the model ranks, a gloo group used for nothing
+        else) calls it with its `parts` (`model`, `ema`, `optimizer`: name -> DTensor, or a tensor every
+        rank holds alike) and writes its own share; the rank with `writes` (the first) also writes `cfg`,
+        `train_state` and the manifest, and publishes the folder. When the checkpoint is not whole, every
+        rank gets the error (the previous checkpoints stay as they were).
+
+        In the background unless `blocking`: the parts are first copied to host memory (DCP's stager, its
+        buffers reused from save to save), so training may change the weights at once; `wait()` joins the
+        write and raises its error, `failed()` polls it. Returns the directory it will have once written."""
         self.wait()
         final = self.root / f"step_{step:08d}"
+        if blocking:
+            self._write_sharded(final, parts, cfg, train_state, group, writes)
+            return final
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=False))
+        staged = self._stager.stage(dict(parts))
+        self._thread = threading.Thread(target=self._write_sharded_in_background,
+                                        args=(final, staged, cfg, _to_cpu(train_state), group, writes),
+                                        daemon=False, name=f"checkpoint-{step}")
+        self._thread.start()
+        return final
+
+    def _write_sharded_in_background(self, *args) -> None:
+        try:
+            self._write_sharded(*args)
+        except BaseException as error:  # reported by wait() on the training thread
+            self._error = error
+
+    def _write_sharded(self, final: Path, parts: dict, cfg: Config, train_state: dict, group: dist.ProcessGroup,
+                       writes: bool) -> None:
         first = dist.get_global_rank(group, 0)
         need = torch.tensor([sum(_tensor_bytes(state) for state in parts.values())], dtype=torch.int64)
         dist.all_reduce(need, group=group)  # on gloo; every part's bytes once, replicas and all (an upper bound)
@@ -162,7 +189,6 @@ class CheckpointWriter:
         dist.broadcast_object_list(answer, src=first, group=group)
         if isinstance(answer[0], BaseException):
             raise answer[0]
-        return final
 
     def _prepare(self, final: Path, need: int) -> str | BaseException:
         """The writing rank's half before a sharded save: the temporary folder's path, or why not."""

@@ -242,6 +242,11 @@ class LogConfig:
     """Write a checkpoint every this many optimizer steps (and at the end)."""
     keep_last: int = 3
     """Checkpoints kept on disk; older ones are deleted once a new one is whole."""
+    async_save: bool = True
+    """train.parallel=fsdp/hsdp: copy each model rank's part of a checkpoint to host memory and write it on a
+    background thread while training goes on (host memory: the rank's share of weights, EMA and optimizer
+    state, about 16 bytes per parameter / model ranks, kept between saves); false writes it before the
+    next step. Under ddp the first model rank always writes in the background."""
     sample_every: int = 1000
     """Write a sample grid from the EMA weights every this many optimizer steps (0: only at the end)."""
     val_every: int = 1000

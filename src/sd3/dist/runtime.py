@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from sd3.config import Config
-from sd3.dist.parallel import build_mesh, shard_groups
+from sd3.dist.parallel import SHARDED, build_mesh, shard_groups
 from sd3.dist.rankmap import RankMap
 
 
@@ -33,6 +33,9 @@ class Runtime:
     """The model ranks, always gloo: the per-step stop vote, on CPU tensors (never a GPU sync)."""
     mesh: DeviceMesh | None = None
     """train.parallel=fsdp/hsdp, on model ranks: the device mesh the model is sharded over."""
+    checkpoint_group: dist.ProcessGroup | None = None
+    """train.parallel=fsdp/hsdp: the model ranks again, always gloo, for sharded checkpoints alone (their
+    collectives run on a background thread beside training's, and carry Python objects)."""
 
     @property
     def distributed(self) -> bool:
@@ -86,6 +89,7 @@ def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
     model_group = dist.new_group(list(ranks.model_ranks))
     ctrl_group = dist.new_group(list(range(ranks.world_size)), backend="gloo")
     model_ctrl_group = dist.new_group(list(ranks.model_ranks), backend="gloo")
+    checkpoint_group = dist.new_group(list(ranks.model_ranks), backend="gloo") if cfg.train.parallel in SHARDED else None
     mesh = None
     if cfg.train.parallel == "hsdp":
         groups = shard_groups(cfg.train, ranks, _local_world_size())
@@ -97,7 +101,7 @@ def init_runtime(cfg: Config, ranks: RankMap) -> Runtime:
     elif cfg.train.parallel == "fsdp" and ranks.is_model(rank):
         mesh = build_mesh(cfg.train, [ranks.model_ranks], model_group, None, device.type)
     return Runtime(rank, ranks.world_size, local_rank, device, ranks, model_group, ctrl_group, model_ctrl_group,
-                   mesh)
+                   mesh, checkpoint_group)
 
 
 class StopSignal:

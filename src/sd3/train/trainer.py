@@ -461,10 +461,10 @@ def build_model(cfg: Config, rt: Runtime, *, resume: Path | None, init_from: Pat
     ema = EMA(model, decay=cfg.train.ema_decay, every=cfg.train.ema_every, device=ema_device)
     if direct:
         weights = get_model_state_dict(model)
-        load_sharded(source, "model", weights, rt.model_group)
+        load_sharded(source, "model", weights, rt.checkpoint_group)
         set_model_state_dict(model, weights)
         averages = ema.sharded_state()
-        load_sharded(source, "ema", averages, rt.model_group)
+        load_sharded(source, "ema", averages, rt.checkpoint_group)
         ema.load_sharded_state(averages)
     elif source is not None:
         ema.load_state_dict(load_part(source, "ema"))
@@ -472,7 +472,7 @@ def build_model(cfg: Config, rt: Runtime, *, resume: Path | None, init_from: Pat
     state = TrainState()
     if resume is not None:
         saved = load_train_state(resume)
-        load_optimizer(resume, saved, model, optimizer, group=rt.model_group if direct else None)
+        load_optimizer(resume, saved, model, optimizer, group=rt.checkpoint_group if direct else None)
         state.load_state_dict(saved)
     return model, train_model, ema, optimizer, state
 
@@ -639,16 +639,17 @@ class Trainer:
         if (self.logging or self.sharded) and self.saved_step != step:
             self.save(blocking=True)
         grid = self.sample() if (self.logging or self.sharded) and not stopped_early and self.has_prompts else None
-        if self.logging:
+        if self.writer is not None:  # every model rank under fsdp/hsdp: the write's collectives need them all
             self.writer.wait()
+        if self.logging:
             result.checkpoint = str(self.last_saved)
             result.sample_grid = str(grid) if grid is not None else ""
             self.logger.finish()
         return result
 
     def raise_failure(self) -> None:
-        if self.writer is not None and self.writer.failed():
-            self.writer.wait()  # raises its error
+        if self.writer is not None:
+            self.writer.wait()  # raises its error (under fsdp/hsdp every rank's write ends with the same one)
         raise PeerFailed(f"model rank {self.rt.ranks.model_ranks[0]} could not go on (its message above says "
                          f"why); every model rank stopped after step {self.state.step}")
 
@@ -793,7 +794,7 @@ class Trainer:
                 self.state.step, parts={"model": get_model_state_dict(self.model), "ema": self.ema.sharded_state(),
                                         "optimizer": tensors},
                 cfg=self.cfg, train_state={"optimizer_groups": groups, **self.state.state_dict()},
-                group=self.rt.model_group, writes=self.logging)
+                group=self.rt.checkpoint_group, writes=self.logging, blocking=blocking or not self.cfg.log.async_save)
             return
         if not self.logging:
             return
