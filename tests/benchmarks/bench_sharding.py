@@ -10,7 +10,9 @@ job in each order, and report per rank:
 - the growth of its resident memory while the mode builds and trains (RSS after the steps minus RSS
   before building), from the job where the mode ran first (the allocator keeps what the first freed);
 - the median step time over the steps after the first two.
-Last lines: `fsdp_state_bytes_ratio_<N>: X` (fsdp / ddp state per rank; ideal 1/N) and
+Last lines: `estimate_state_ratio_<mode>_<N>: X` (that state against what `train.py --dry-run` estimates
+for the same config and rank count: weights, gradients and moments; 1.000 is exact),
+`fsdp_state_bytes_ratio_<N>: X` (fsdp / ddp state per rank; ideal 1/N) and
 `fsdp_step_ratio_<N>: X` (fsdp / ddp median step time in the same processes; the geometric mean of the
 two jobs). `--no-reshard` trains fsdp with train.reshard_after_forward=false.
 """
@@ -45,6 +47,7 @@ def worker(args) -> None:
     from sd3.dist.batch import Batch
     from sd3.dist.parallel import build_mesh, local, parallelize
     from sd3.model.mmdit import MMDiT
+    from sd3.train.memory import estimate
     from sd3.train.optim import build_optimizer
     from sd3.train.trainer import train_step
 
@@ -88,7 +91,11 @@ def worker(args) -> None:
         moments = sum(local(v).numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                       if torch.is_tensor(v) and v.ndim)
         state = 2 * weights + moments
-        results[mode] = {"state": state, "rss": rss_bytes() - before, "step_s": statistics.median(times[2:])}
+        # What the dry run's estimate says this rank holds of the same: its weights, gradients and moments lines.
+        lines = estimate(cfg, model_ranks=world).model
+        estimated = sum(x.bytes for x in lines if x.label.startswith(("weights (", "gradients (", "AdamW moments")))
+        results[mode] = {"state": state, "estimated": estimated, "rss": rss_bytes() - before,
+                         "step_s": statistics.median(times[2:])}
         del model, train_model, optimizer, result
     dist.barrier(group)
     if rank == 0:
@@ -120,6 +127,8 @@ def main() -> None:
             print(f"{n} ranks, {mode:4}: state per rank {x['state'] / 2**20:8.1f} MiB, RSS growth "
                   f"{x['rss'] / 2**20:8.1f} MiB, step {steps} ms (each job)")
         ratio = math.sqrt(math.prod(job["fsdp"]["step_s"] / job["ddp"]["step_s"] for job in jobs))
+        for mode in ("ddp", "fsdp"):   # 1.000: the dry run's state per rank is what the rank holds
+            print(f"estimate_state_ratio_{mode}_{n}: {first[mode]['state'] / first[mode]['estimated']:.3f}")
         print(f"fsdp_state_bytes_ratio_{n}: {first['fsdp']['state'] / first['ddp']['state']:.3f}")
         print(f"fsdp_step_ratio_{n}: {ratio:.3f}")
 
