@@ -17,7 +17,10 @@ With at least one CUDA GPU it runs, each step in its own process with a hard tim
    `torch.cuda.max_memory_allocated` beside the eager estimate of `sd3.train.memory`, the loader's encode time
    per sample, and whether every loss is finite and the losses fall;
 3. with 2 or more GPUs: the disaggregated mode over NCCL (`torchrun --nproc_per_node=2`, loader rank 0
-   feeding model rank 1), then `--resume auto` to a few more steps.
+   feeding model rank 1), then `--resume auto` to a few more steps;
+4. with 3 or more GPUs: loader rank 0 feeding model ranks 1 and 2 that shard the model
+   (`--train.parallel=fsdp`, sharded checkpoints in the background), then `--resume auto` from the
+   sharded checkpoint.
 
 It needs only torch, transformers, tokenizers, numpy, PIL and pyarrow (no diffusers, wandb or
 scikit-image: the data is synthetic, the autoencoder is the weightless pixel one, wandb is off), and
@@ -268,6 +271,19 @@ def distributed_steps(work: Path, s: Settings) -> list[Step]:
             Step("resume", torchrun + again, s.timeout_s, cpu_env(s))]
 
 
+def fsdp_steps(work: Path, s: Settings) -> list[Step]:
+    """Loader rank 0 -> model ranks 1 and 2 sharding the model between them (FSDP2 over NCCL, gloo on the
+    CPU; sharded checkpoints written in the background), then a resume from the sharded checkpoint."""
+    run = work / "runs" / "fsdp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                SCRIPT, "--train-child"]
+    common = ["--ranks.loader_to_model={0:[1,2]}", "--ranks.timeout_s=120", "--train.parallel=fsdp"]
+    first = train_args(work, s, "sdpa", run, steps=s.dist_steps, compile_=False) + common
+    again = train_args(work, s, "sdpa", run, steps=s.resume_steps, compile_=False) + common + ["--resume", "auto"]
+    return [Step("fsdp", torchrun + first, s.timeout_s, cpu_env(s)),
+            Step("fsdp resume", torchrun + again, s.timeout_s, cpu_env(s))]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Running and reading
 # ---------------------------------------------------------------------------------------------------
@@ -419,6 +435,8 @@ def plan(work: Path, s: Settings, gpus: int, backends: dict[str, str], site: Pat
     steps += [train_step(work, s, b, peak_tflops) for b, state in backends.items() if state == "ok"]
     if gpus >= 2 or s.device == "cpu":
         steps += distributed_steps(work, s)
+    if gpus >= 3 or s.device == "cpu":
+        steps += fsdp_steps(work, s)
     return steps
 
 
@@ -426,9 +444,10 @@ def print_plan(work: Path, s: Settings) -> None:
     print("No CUDA device here. On a machine with one or more CUDA GPUs this script runs (after building "
           f"the synthetic data and stand-in encoders in {work} unless --prepare did):")
     all_backends = {"sdpa": "ok", "flash": "ok", "xformers": "ok"}
-    for step in plan(work, s, 2, all_backends, None, 989.0):
+    for step in plan(work, s, 3, all_backends, None, 989.0):
         condition = {"train flash": "  (if flash_attn imports)", "train xformers": "  (if xformers.ops imports)",
-                     "disaggregated": "  (2 or more GPUs)", "resume": "  (2 or more GPUs)"}.get(step.name, "")
+                     "disaggregated": "  (2 or more GPUs)", "resume": "  (2 or more GPUs)",
+                     "fsdp": "  (3 or more GPUs)", "fsdp resume": "  (3 or more GPUs)"}.get(step.name, "")
         print(f"\n# {step.name}{condition}, timeout {step.timeout_s} s\n{step.shell()}")
     print("\nthen prints `verdict: PASS|FAIL` and the figures. Nothing was run.")
 
@@ -524,18 +543,20 @@ def accept(work: Path, s: Settings, info: dict) -> int:
             failures.append(f"{key}: losses do not fall ({t['losses'][0]:.4f} -> {t['losses'][-1]:.4f})")
     if gpus < 2 and s.device == "cuda":
         figures.append(("disaggregated", f"skipped: {gpus} GPU (needs 2)"))
-    for key in ("disaggregated", "resume"):
+    if gpus < 3 and s.device == "cuda":
+        figures.append(("fsdp", f"skipped: {gpus} GPU(s) (needs 3: a loader and 2 model ranks to shard over)"))
+    for key in ("disaggregated", "resume", "fsdp", "fsdp resume"):
         if key in outcome:
             t = read_training(outcome[key][1])
             peaks = ", ".join(f"rank {r['rank']} {r.get('peak_allocated_gib', r.get('peak_rss_gib', 0)):.2f} GiB"
                               for r in sorted(t["results"], key=lambda r: r["rank"]))
             figures.append((key, f"steps to {t['finished_step']}, losses "
                                  f"{' '.join(f'{x:.3f}' for x in t['losses'][-3:])}, peak {peaks}"))
-            want = s.resume_steps if key == "resume" else s.dist_steps
+            want = s.resume_steps if key.endswith("resume") else s.dist_steps
             if t["finished_step"] != want or not t["finite"]:
                 failures.append(f"{key}: did not finish at step {want} with finite losses")
-            if key == "resume" and not t["resumed"]:
-                failures.append("resume: the run did not resume from the checkpoint")
+            if key.endswith("resume") and not t["resumed"]:
+                failures.append(f"{key}: the run did not resume from the checkpoint")
     figures.append(("elapsed_s", f"{time.perf_counter() - t0:.0f}"))
     verdict = "FAIL" if failures else "PASS"
     print("\n" + "=" * 72)

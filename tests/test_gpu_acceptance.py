@@ -84,7 +84,7 @@ def test_gpu_figures_put_peak_memory_beside_the_estimate(tmp_path):
 @pytest.mark.timeout(900)
 def test_cpu_smoke_runs_the_whole_flow(tmp_path):
     """The acceptance flow on the CPU at toy sizes: gpu tests (all skipped here), a colocated run, the
-    disaggregated mode on gloo and a resume, then the verdict."""
+    disaggregated mode on gloo and a resume, the same sharded (fsdp) and a resume, then the verdict."""
     run = _run("--cpu-smoke", "--work", str(tmp_path / "work"), timeout=840)
     out = run.stdout
     assert run.returncode == 0, out[-4000:] + run.stderr[-2000:]
@@ -92,7 +92,8 @@ def test_cpu_smoke_runs_the_whole_flow(tmp_path):
     assert tail.startswith("verdict: PASS")
     for key in ("gpu_tests:", "sdpa.img_per_s:", "sdpa.mfu:", "sdpa.encode_ms_per_sample:", "sdpa.peak_rss_gib:",
                 "sdpa.loss:", "flash: skipped: needs CUDA", "xformers: skipped: needs CUDA",
-                "disaggregated: steps to 3", "resume: steps to 5", "elapsed_s:"):
+                "disaggregated: steps to 3", "resume: steps to 5", "fsdp: steps to 3", "fsdp resume: steps to 5",
+                "elapsed_s:"):
         assert key in tail, key
     assert "(finite, falling)" in tail
     assert "resuming from" in out
