@@ -155,3 +155,18 @@ def test_fsdp_in_bf16_trains(tiny_args, tmp_path):
     assert len(found) == 4 and all(x == x and x < 10 for x in found) and found[-1] < found[0], found
     state = weights(tmp_path / "run", "model")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.slow
+def test_in_training_evaluation_under_fsdp_scores_as_ddp_does(tiny_args, tmp_path):
+    """FID through the EMA in a sharded model: 5 evaluation rows in batches of 2 give the model ranks 2 and 1
+    batches, so the rank with fewer generates a throwaway one (every forward is a collective)."""
+    common = ["--steps", "2", "--data.val_rows=6", "--log.eval_every=2", "--log.eval_num=5", "--log.eval_steps=2",
+              "--log.eval_inception=random", "--data.batch_size=2", "--train.precision=fp32", "--log.val_every=0",
+              "--log.sample_every=0"]
+    found = {}
+    for mode in ("ddp", "fsdp"):
+        rc, out = run(tiny_args(tmp_path / mode, f"--train.parallel={mode}", *common))
+        assert rc == 0, out[-3000:]
+        found[mode] = [float(x) for x in re.findall(r"eval fid ([0-9.]+)", out)]
+    assert len(found["fsdp"]) == 1 and found["fsdp"] == pytest.approx(found["ddp"], rel=1e-3), found

@@ -564,13 +564,11 @@ def _state_lines(cfg: Config, parallel: str, shards: int, *, n_params: int, weig
              weights / shards if ema_on_gpu else 0.0),
     ]
     if shards == 1:
-        lines.append(Line("sample-grid model (fp32; first model rank only)", weights))
+        lines.append(Line("EMA model for sample grids and in-training evaluation (fp32, every model rank)"
+                          if cfg.log.eval_every else "sample-grid model (fp32; first model rank only)", weights))
     else:
-        lines.append(Line(f"sample-grid model (the EMA in shards like the weights, while sampling{part})",
-                          weights / shards))
-    if cfg.log.eval_every:
-        lines.append(Line("in-training evaluation: a whole EMA copy on every model rank (fp32, while evaluating)",
-                          weights if shards > 1 else 0.0))
+        lines.append(Line(f"sample-grid and evaluation model (the EMA in shards like the weights, while in use"
+                          f"{part})", weights / shards))
     if shards > 1:
         compute = 0.5 if t.precision == "bf16" else 1.0      # bf16 gathers half the bytes of the fp32 shards
         blocks = 2 if t.reshard_after_forward else cfg.model.depth + cfg.model.mixer_depth

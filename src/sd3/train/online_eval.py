@@ -60,9 +60,11 @@ class OnlineEval:
         self.real_stats: FeatureStats | None = None
 
     @torch.no_grad()
-    def run(self, model, step: int) -> dict[str, float]:
+    def run(self, model, step: int, *, sharded: bool = False) -> dict[str, float]:
         """Generate this rank's share with `model` (the EMA weights), score it, merge over the model ranks.
-        Every model rank must call it at the same step."""
+        Every model rank must call it at the same step. `sharded`: `model` is sharded over the model ranks
+        (fsdp/hsdp), so each of its forwards is a collective: a rank with fewer batches than another
+        generates throwaway ones until every rank has run as many forwards."""
         start = time.perf_counter()
         group = self.rt.model_group
         if self._ae is None:
@@ -72,6 +74,7 @@ class OnlineEval:
             for raw in self.real:
                 real.add(self.inception(raw.images.to(self.device)))
             self.real_stats = gather_stats(real, group) if group is not None else real
+        short = self.batches_short(group) if sharded else 0   # before any forward: those are collectives too
         fake = FeatureStats.empty(device=self.device)
         clip = torch.zeros(2, dtype=torch.float64, device=self.device)   # score sum, images
         for i, (cond, raw) in enumerate(zip(self.cond, self.real)):
@@ -80,6 +83,8 @@ class OnlineEval:
             if self.clip is not None:
                 clip += torch.tensor([float(self.clip(images, raw.captions).sum()), len(raw.captions)],
                                      dtype=torch.float64, device=self.device)
+        for _ in range(short):
+            self.generate(model, *self.filler(), seed=0)
         if group is not None:
             fake = gather_stats(fake, group)
             dist.all_reduce(clip, group=group)
@@ -102,6 +107,22 @@ class OnlineEval:
                                    seed=seed, shift=shift, precision=self.cfg.train.precision)
         images = self._ae.decode(latents)                                                  # (B, 3, H, W)
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    def batches_short(self, group) -> int:
+        """How many batches this rank has fewer than the model rank with the most."""
+        most = torch.tensor([len(self.cond)], device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+        return int(most) - len(self.cond)
+
+    def filler(self) -> tuple[Batch, tuple[int, int]]:
+        """A batch to generate and throw away, and its size: this rank's first, or one empty caption."""
+        if self.cond:
+            return self.cond[0], tuple(self.real[0].images.shape[-2:])
+        m = self.cfg.model
+        empty = Batch(latents=torch.zeros(1), text=tuple(torch.zeros(1, 1, d) for d in m.text_dims),
+                      text_mask=tuple(torch.ones(1, 1, dtype=torch.bool) for _ in m.text_dims),
+                      pooled=torch.zeros(1, m.pooled_dim), step=0, rows=torch.zeros(1, dtype=torch.int64))
+        return empty, (m.max_res, m.max_res)
 
     def noise_seed(self, i: int) -> int:
         """The noise of this rank's i-th batch: the same at every evaluation (differences are the model's)."""

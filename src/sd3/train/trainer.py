@@ -359,14 +359,6 @@ class MetricsWindow:
 # ---------------------------------------------------------------------------------------------------
 
 
-def empty_model(cfg: Config, device: torch.device) -> MMDiT:
-    """An MMDiT whose weights are about to be overwritten: built on the meta device, then given memory on
-    `device` without initialising it (the model has no buffers)."""
-    with torch.device("meta"):
-        model = MMDiT(cfg.model)
-    return model.to_empty(device=device)
-
-
 def validation_times(cfg: FlowConfig, img_tokens: int, n: int = 8) -> Tensor:
     """The n quantiles (i + 1/2) / n of the training t distribution (stratified fixed-t evaluation,
     as MLPerf's text-to-image benchmark and torchtitan's FLUX validation do)."""
@@ -719,17 +711,12 @@ class Trainer:
                            "of it was written. Resume from the newest checkpoint with a lower --train.lr")
 
     def ema_model(self) -> MMDiT:
-        """A plain model holding the current EMA weights. Under ddp it is built once and refreshed; under
-        fsdp/hsdp every model rank must call this (the weights are gathered) and gets a new whole copy,
-        dropped after use (in-training evaluation: each rank generates its own share)."""
-        if not self.sharded:
-            if self._ema_model is None:
-                self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
-            self.ema.copy_to(self._ema_model)
-            return self._ema_model
-        model = empty_model(self.cfg, self.device).eval()
-        self.ema.copy_to(model)
-        return model
+        """ddp: a plain model holding the current EMA weights, built once and refreshed (fsdp/hsdp use
+        `sharded_ema_model`)."""
+        if self._ema_model is None:
+            self._ema_model = MMDiT(self.cfg.model).to(self.device).eval()
+        self.ema.copy_to(self._ema_model)
+        return self._ema_model
 
     def sharded_ema_model(self) -> MMDiT:
         """fsdp/hsdp: the EMA weights in a model sharded like the trained one (each rank fills its own
@@ -766,7 +753,8 @@ class Trainer:
 
     def evaluate(self) -> None:
         """FID (KID, CLIP score) of the EMA weights on the evaluation rows: every model rank takes part."""
-        result = self.evaluator.run(self.ema_model(), self.state.step)
+        model = self.sharded_ema_model() if self.sharded else self.ema_model()
+        result = self.evaluator.run(model, self.state.step, sharded=self.sharded)
         self.metrics.update(result)
         if self.logging:
             self.logger.log(self.state.step, result)
