@@ -123,6 +123,11 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tiny_args, tmp_path):
     rc, out = run(tiny_args(tmp_path / "split", "--steps", "5", "--resume", "auto", "--train.parallel=ddp", *COMMON))
     assert rc == 0 and "resuming from" in out and "step 5/5" in out, out[-3000:]
     assert [is_sharded(p) for _, p in list_checkpoints(tmp_path / "split")][-2:] == [True, False]
+    # A new sharded run starts from the sharded checkpoint's weights and EMA, each rank reading its own part.
+    sharded = list_checkpoints(tmp_path / "split")[-2][1]
+    rc, out = run(tiny_args(tmp_path / "stage2", "--steps", "1", "--init_from", str(sharded), "--train.parallel=fsdp",
+                            *COMMON))
+    assert rc == 0 and "step 1/1" in out, out[-3000:]
 
 
 FOUR_MODEL_RANKS = ["--ranks.loaders_per_node=1", "--ranks.models_per_loader=4"]
