@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd3.checkpoint.read import is_sharded, load_part, verify
+from sd3.checkpoint.read import load_part, verify
 from tests.dist_util import free_port
 from tests.fault_util import (
     ROOT,
@@ -170,17 +170,15 @@ def test_4_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tiny_assets, tm
     assert not job.leftovers() and sorted(job.exited) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to every process", "SIGUSR1 to the model ranks",
-                                 "SIGTERM to every process, fsdp"])
+@pytest.mark.parametrize("how", ["SIGTERM to every process", "SIGUSR1 to the model ranks"])
 def test_5_a_signal_ends_every_rank_cleanly_with_a_whole_checkpoint(tiny_assets, tmp_path, how):
     """As slurmstepd/scancel do (every process of the step at once), and as the time-limit warning
     forwarded to the step does: a whole new checkpoint, PREEMPTED, every process gone without torchrun
-    having to SIGKILL anyone (it does after 30 s). Under fsdp the checkpoint is sharded, each model rank
-    writing its own part after the signal."""
+    having to SIGKILL anyone (it does after 30 s). (Under fsdp the stop ends through the same finish(), with a
+    sharded checkpoint: tests/test_sharding.py.)"""
     run_dir = tmp_path / "run"
     name = "SIGTERM" if how.startswith("SIGTERM") else "SIGUSR1"
-    mode = ["--train.parallel=fsdp"] if how.endswith("fsdp") else []
-    with Job(torchrun(tiny_args(tiny_assets, run_dir, "--steps", "4000", "--log.save_every=1000", *mode)),
+    with Job(torchrun(tiny_args(tiny_assets, run_dir, "--steps", "4000", "--log.save_every=1000")),
              run_dir=run_dir) as job:
         job.wait_for(r"step 5/4000")
         job.wait_for_ranks(3)
@@ -194,7 +192,6 @@ def test_5_a_signal_ends_every_rank_cleanly_with_a_whole_checkpoint(tiny_assets,
     (step,) = steps_of(run_dir)
     assert 5 <= step < 4000 and checkpoint(run_dir, step).name in job.checkpoints
     verify(checkpoint(run_dir, step))
-    assert is_sharded(checkpoint(run_dir, step)) == bool(mode)
     assert (run_dir / "PREEMPTED").read_text() == f"stopped at step {step} of 4000 on {name}\n"
     assert not (run_dir / "FAILED").exists()
     assert not torchrun_killed_a_worker(job.text), job.text[-3000:]
@@ -352,25 +349,25 @@ def test_9_ctrl_c_stops_with_a_checkpoint_that_resumes_exactly_and_a_second_stop
     """Ctrl-C as a terminal sends it (SIGINT to torchrun's process group; torchrun passes it on to every
     rank): the step ends, a whole checkpoint, one line, no traceback, and --resume auto continues as if
     nothing happened. A second Ctrl-C a few seconds later stops at once, without a checkpoint."""
-    run_dir, steps = tmp_path / "run", ["--steps", "30", "--log.save_every=1000"]
+    run_dir, steps = tmp_path / "run", ["--steps", "12", "--log.save_every=1000"]
     with Job(torchrun(tiny_args(tiny_assets, run_dir, *steps)), run_dir=run_dir) as job:
-        job.wait_for(r"step 4/30")
+        job.wait_for(r"step 4/12")
         job.wait_for_ranks(3)
         os.killpg(job.proc.pid, signal.SIGINT)
         job.finish(timeout=60)
     (step,) = steps_of(run_dir)
-    assert step < 30, job.text[-3000:]
+    assert step < 12, job.text[-3000:]
     verify(checkpoint(run_dir, step))
     assert f"stopping at step {step} on SIGINT" in job.text, job.text[-3000:]
     assert "KeyboardInterrupt" not in job.text and not torchrun_killed_a_worker(job.text), job.text[-3000:]
-    assert (run_dir / "PREEMPTED").read_text() == f"stopped at step {step} of 30 on SIGINT\n"
+    assert (run_dir / "PREEMPTED").read_text() == f"stopped at step {step} of 12 on SIGINT\n"
     assert not (run_dir / "FAILED").exists() and not job.leftovers()
 
     rc, _ = run(tiny_assets, run_dir, *steps, "--resume", "auto")
     assert rc == 0
     rc, _ = run(tiny_assets, tmp_path / "straight", *steps)
     assert rc == 0
-    resumed, straight = (load_part(checkpoint(d, 30), "model") for d in (run_dir, tmp_path / "straight"))
+    resumed, straight = (load_part(checkpoint(d, 12), "model") for d in (run_dir, tmp_path / "straight"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
     # Twice: the first asks for the stop, the second (pressed later) ends every rank at once.

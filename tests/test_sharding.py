@@ -6,8 +6,6 @@ The multi-process tests start real torchrun processes on gloo (1 loader rank fee
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ from sd3.checkpoint.read import is_sharded, list_checkpoints, load_part
 from sd3.config import ConfigError, TrainConfig
 from sd3.dist.parallel import shard_groups
 from sd3.dist.rankmap import RankMap
-from tests.fault_util import ROOT
 from tests.test_distributed import run
 
 
@@ -115,11 +112,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_exactly(tiny_args, tmp_path):
         a, b = weights(tmp_path / "fsdp", name), weights(tmp_path / "split", name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
-    # The sharded checkpoint samples as it is (one process, no process group), and resumes under ddp.
-    done = subprocess.run([sys.executable, "infer.py", "--ckpt", str(tmp_path / "split"), "--prompt", "a cat",
-                           "--width", "64", "--height", "48", "--steps", "2", "--out", str(tmp_path / "samples")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and list((tmp_path / "samples").glob("000_a_cat.png")), done.stderr[-3000:]
+    # The sharded checkpoint resumes under ddp (inference reads it as tests/test_sharded_checkpoints.py shows).
     rc, out = run(tiny_args(tmp_path / "split", "--steps", "5", "--resume", "auto", "--train.parallel=ddp", *COMMON))
     assert rc == 0 and "resuming from" in out and "step 5/5" in out, out[-3000:]
     assert [is_sharded(p) for _, p in list_checkpoints(tmp_path / "split")][-2:] == [True, False]
