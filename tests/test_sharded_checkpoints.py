@@ -29,6 +29,7 @@ from sd3.checkpoint.read import (
     is_sharded,
     list_checkpoints,
     load_part,
+    load_sharded,
     load_train_state,
     load_weights,
     verify,
@@ -137,6 +138,15 @@ def test_a_sharded_checkpoint_without_its_manifest_or_with_a_stray_shard_does_no
     shutil.copy(shards(found[-2][1], "ema")[0], found[-2][1] / "ema" / "shard-00002-model-00001-of-00001.safetensors")
     with pytest.raises(CheckpointError, match=r"ema/shard-00002-\S+ is not in its manifest\.json"):
         verify(found[-2][1])
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_the_model_is_refused_in_one_line(sharded):
+    path = list_checkpoints(sharded.run_dir)[-1][1]
+    with pytest.raises(CheckpointError) as refused:
+        load_sharded(path, "model", {"img_in.weight": torch.zeros(3, 3)}, dist.group.WORLD)
+    text = str(refused.value)
+    assert "model/ does not load into this model" in text and "Size mismatch" in text and "img_in.weight" in text
+    assert "\n" not in text and "another model config" in text
 
 
 def test_pruning_keeps_the_newest_verified_sharded_checkpoints(sharded):

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sd3.config import Config, load_json
 
@@ -112,9 +113,7 @@ def verify(path: Path, *, full: bool = True) -> None:
         if name not in entries:
             raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {name}")
     for name in names:
-        entry = entries.get(name)
-        if entry is None:
-            raise CheckpointError(f"checkpoint {path}: {MANIFEST} does not list {name}")
+        entry = entries[name]
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: missing {name}")
         size = (path / name).stat().st_size
@@ -189,6 +188,17 @@ def load_tensors(path: Path, name: str) -> dict[str, Tensor]:
         raise CheckpointError(f"checkpoint {path}: {name} does not load ({error})") from error
 
 
+def dcp_error(error: BaseException) -> str:
+    """One line for an error of DCP: a CheckpointException carries each failed rank's error and traceback,
+    and says the first rank's error alone here."""
+    where = ""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (error, _) = next(iter(error.failures.items()))
+        where = f"on rank {rank} of its group, "
+    lines = str(error).splitlines()
+    return f"{where}{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def _reader(path: Path, part: str) -> HuggingFaceStorageReader:
     if not (path / part).is_dir():
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {part}/")
@@ -210,8 +220,8 @@ def load_part(path: Path, part: str) -> dict[str, Tensor]:
             dcp.load(state, storage_reader=reader, no_dist=True)
     except CheckpointError:
         raise
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path}: {part}/ does not load ({type(error).__name__}: {error})") from error
+    except (Exception, CheckpointException) as error:  # DCP's own error is a BaseException
+        raise CheckpointError(f"checkpoint {path}: {part}/ does not load ({dcp_error(error)})") from error
     return state
 
 
@@ -223,10 +233,9 @@ def load_sharded(path: Path, part: str, state: dict[str, Tensor], group) -> None
         dcp.load(state, storage_reader=_reader(path, part), process_group=group)
     except CheckpointError:
         raise
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path}: {part}/ does not load into this model ({type(error).__name__}: "
-                              f"{error}); was it trained with another model config? Its config.json holds the "
-                              "one it needs") from error
+    except (Exception, CheckpointException) as error:  # DCP's own error is a BaseException
+        raise CheckpointError(f"checkpoint {path}: {part}/ does not load into this model ({dcp_error(error)}); was "
+                              "it trained with another model config? Its config.json holds the one it needs") from error
 
 
 def load_weights(path: Path, model: nn.Module, *, ema: bool) -> None:

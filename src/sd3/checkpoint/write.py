@@ -47,6 +47,7 @@ from sd3.checkpoint.read import (
     CheckpointError,
     checkpoint_dir,
     crc32_of,
+    dcp_error,
     list_checkpoints,
     verify,
 )
@@ -181,7 +182,7 @@ class CheckpointWriter:
         except (Exception, CheckpointException) as error:  # DCP's error (a BaseException) is raised on every rank
             failure, mine = error, {}
         gathered: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (mine, None if failure is None else f"{type(failure).__name__}: {failure}"),
+        dist.all_gather_object(gathered, (dist.get_rank(), mine, None if failure is None else dcp_error(failure)),
                                group=group)
         answer = [None]
         if writes:
@@ -210,7 +211,7 @@ class CheckpointWriter:
         """The writing rank's half after every rank wrote its shards: the files of one rank, the manifest
         last, the rename, pruning. Returns None, or the error every rank raises (the folder removed)."""
         try:
-            errors = [(rank, text) for rank, (_, text) in enumerate(gathered) if text]
+            errors = [(rank, text) for rank, _, text in gathered if text]
             if errors:
                 rank, text = errors[0]
                 raise CheckpointError(f"model rank {rank} could not write its shards of {final.name}: {text}") \
@@ -218,7 +219,7 @@ class CheckpointWriter:
             save_json(cfg, tmp / "config.json")
             torch.save(_to_cpu(train_state), tmp / "train_state.pt")
             files = {name: _entry(tmp / name) for name in SHARDED_FILES}
-            for mine, _ in gathered:
+            for _, mine, _ in gathered:
                 files.update(mine)
             manifest = {"format": 2, "layout": SHARDED_LAYOUT, "files": dict(sorted(files.items()))}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -765,8 +765,8 @@ class Trainer:
 
     def save(self, blocking: bool = False) -> None:
         """A checkpoint of this step, unless the step was bad: none is written from a bad stretch. Under ddp
-        the first model rank writes whole tensors (in the background unless `blocking`); under fsdp/hsdp every
-        model rank calls this and writes its own shards (the call returns when the checkpoint is whole)."""
+        the first model rank writes whole tensors; under fsdp/hsdp every model rank calls this and writes its own
+        shards. Both in the background unless `blocking` (or, sharded, `log.async_save=false`)."""
         if not self.guard.clean():
             print0(f"step {self.state.step}: no checkpoint (the last {int(self.guard.bad_run)} steps were bad)")
             return
